@@ -1,0 +1,50 @@
+"""Typed values that cross the generator's boundary (and, later, Ray actor boundaries)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+STREAM_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def validate_stream_id(stream_id: str) -> str:
+    """Return the id if it matches ``^[a-z0-9][a-z0-9_-]{0,63}$``; raise ValueError otherwise.
+
+    Ids become directory and table names, so nothing like ``/`` or ``..`` may pass.
+    """
+    if not isinstance(stream_id, str) or not STREAM_ID_RE.match(stream_id):
+        raise ValueError(f"invalid stream id {stream_id!r}: must match {STREAM_ID_RE.pattern}")
+    return stream_id
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    stream_id: str  # unique name of the stream, ^[a-z0-9][a-z0-9_-]{0,63}$
+    seed: int = 0  # noise of chunk i depends only on (seed, i)
+    prompt: str = ""  # hashed into the per-stream conditioning vector (stand-in for a text encoder)
+
+    def __post_init__(self) -> None:
+        validate_stream_id(self.stream_id)
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"{self.seed=} must be an integer in [0, 2**63)")
+
+    def to_dict(self) -> dict:
+        return {"stream_id": self.stream_id, "seed": self.seed, "prompt": self.prompt}
+
+
+@dataclass
+class Chunk:
+    """One generated chunk of one stream."""
+
+    stream_id: str
+    chunk_index: int  # i: the i-th chunk of the stream
+    first_frame: int  # absolute latent frame index of its first frame
+    latents: torch.Tensor  # [F, C, H, W] clean latents (fp32, CPU)
+    frames: torch.Tensor  # [F * t_stride, H_px, W_px, 3] uint8 decoded video frames
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
