@@ -104,7 +104,9 @@ def latent_attention_ref(
     if scale is None:
         raise ValueError("latent_attention_ref needs an explicit scale (1/sqrt(d_nope + d_r))")
     if ckv.ndim != 3 or k_rope.ndim != 3 or ckv.shape[:2] != k_rope.shape[:2]:
-        raise ValueError(f"ckv [B, S_k, d_c] and k_rope [B, S_k, d_r] expected, got {tuple(ckv.shape)} {tuple(k_rope.shape)}")
+        raise ValueError(
+            f"ckv [B, S_k, d_c] and k_rope [B, S_k, d_r] expected, got {tuple(ckv.shape)} {tuple(k_rope.shape)}"
+        )
     q = torch.cat([q_lat, q_rope], dim=-1)  # (B, S_q, H, d_c + d_r)
     k = torch.cat([ckv, k_rope], dim=-1)[:, :, None, :]  # (B, S_k, 1, d_c + d_r)
     return attention_ref(q, k, ckv[:, :, None, :], k_valid, scale)
@@ -115,7 +117,9 @@ def _check_mla(q_nope, q_rope, ckv, k_rope, w_uk, w_uv) -> None:
     if w_uv.ndim != 3 or w_uv.shape[0] != heads or w_uv.shape[2] != d_c:
         raise ValueError(f"w_uv must be [H={heads}, d_v, d_c={d_c}], got {tuple(w_uv.shape)}")
     if q_nope.shape[2:] != (heads, d_nope) or q_rope.shape[:3] != q_nope.shape[:3]:
-        raise ValueError(f"q_nope {tuple(q_nope.shape)} / q_rope {tuple(q_rope.shape)} do not match w_uk {tuple(w_uk.shape)}")
+        raise ValueError(
+            f"q_nope {tuple(q_nope.shape)} / q_rope {tuple(q_rope.shape)} do not match w_uk {tuple(w_uk.shape)}"
+        )
     if ckv.shape[-1] != d_c or k_rope.shape[-1] != q_rope.shape[-1]:
         raise ValueError(f"ckv {tuple(ckv.shape)} / k_rope {tuple(k_rope.shape)} do not match the head layout")
 

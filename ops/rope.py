@@ -64,9 +64,7 @@ class Rope3D:
         hh = torch.arange(height, dtype=torch.float64)[:, None] * self._inv_freq(n_h)[None, :]  # (h, n_h)
         ww = torch.arange(width, dtype=torch.float64)[:, None] * self._inv_freq(n_w)[None, :]  # (w, n_w)
         # (h, 1, n_h), (1, w, n_w) -> (h, w, n_h + n_w) -> (h*w, n_h + n_w)
-        grid = torch.cat(
-            [hh[:, None, :].expand(height, width, n_h), ww[None, :, :].expand(height, width, n_w)], dim=-1
-        )
+        grid = torch.cat([hh[:, None, :].expand(height, width, n_h), ww[None, :, :].expand(height, width, n_w)], dim=-1)
         return grid.reshape(height * width, n_h + n_w)
 
     def cos_sin(

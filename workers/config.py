@@ -98,7 +98,11 @@ class ModelConfig:
         if self.position == "relative" and self.max_temporal_id < span:
             raise ValueError(f"{self.max_temporal_id=} must be >= sink + window + chunk - 1 = {span}")
         PositionPolicy(self.position, max(self.max_temporal_id, 1))
-        if not self.sigmas or any(not 0 < s <= 1 for s in self.sigmas) or list(self.sigmas) != sorted(self.sigmas, reverse=True):
+        if (
+            not self.sigmas
+            or any(not 0 < s <= 1 for s in self.sigmas)
+            or list(self.sigmas) != sorted(self.sigmas, reverse=True)
+        ):
             raise ValueError(f"{self.sigmas=} must be decreasing values in (0, 1]")
 
     # ---- derived objects ---------------------------------------------------------------------
@@ -109,6 +113,11 @@ class ModelConfig:
     @property
     def rope_width(self) -> int:
         return self.rope_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def can_decode(self) -> bool:
+        """True when latents are RGB pixels (no VAE); other presets need a decoder longroll does not ship."""
+        return self.vae_stride == (1, 1, 1) and self.latent_channels == 3
 
     @property
     def uses_memory(self) -> bool:

@@ -150,7 +150,7 @@ class Generator:
 
     @property
     def can_decode(self) -> bool:
-        return self.cfg.vae_stride == (1, 1, 1) and self.cfg.latent_channels == 3
+        return self.cfg.can_decode
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [F, C, H, W] -> uint8 frames [F, H, W, 3].

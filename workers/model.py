@@ -52,6 +52,20 @@ class CausalVideoDiT(nn.Module):
         self.head_modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) * cfg.dim**-0.5)
         self.head = nn.Linear(cfg.dim, p * p * c)
 
+    def conditioning(self, sigma: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise level, stream vector) -> t_emb [B, dim] and AdaLN inputs e [B, 6, dim].
+
+        Computed one stream at a time: a CPU GEMM with 1 row takes another code path than one with
+        B rows, and results would then depend on which streams share a batch.
+        """
+        dim = self.cfg.dim
+        t_in = timestep_embedding(sigma, dim).to(cond.dtype)
+        t_emb = torch.cat(
+            [self.time_embed(t_in[i : i + 1]) + self.cond_embed(cond[i : i + 1]) for i in range(len(cond))]
+        )
+        e = torch.cat([self.time_proj(t_emb[i : i + 1]) for i in range(len(cond))])
+        return t_emb, e.reshape(-1, 6, dim)  # (B, 6*dim) -> (B, 6, dim)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -79,8 +93,7 @@ class CausalVideoDiT(nn.Module):
         # (B, F, dim) -> (B, F, 1, dim) -> (B, F*h*w, dim): one action per frame, broadcast over its tokens
         act = self.action_embed(actions)[:, :, None, :].expand(b, f, cfg.tokens_per_frame, cfg.dim)
         tok = tok + act.reshape(b, f * cfg.tokens_per_frame, cfg.dim)
-        t_emb = self.time_embed(timestep_embedding(sigma, cfg.dim).to(x.dtype)) + self.cond_embed(cond)
-        e = self.time_proj(t_emb).reshape(b, 6, cfg.dim)  # (B, 6*dim) -> (B, 6, dim)
+        t_emb, e = self.conditioning(sigma, cond)
         for layer, block in enumerate(self.blocks):
             tok = block(tok, e, layer, ctxs)
         if not need_output:

@@ -24,7 +24,9 @@ def mix_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
-def chunk_noise(seed: int, chunk_index: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def chunk_noise(
+    seed: int, chunk_index: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Standard normal noise of one chunk, on CPU (moved to the device by the caller)."""
     gen = torch.Generator(device="cpu").manual_seed(mix_seed(seed, chunk_index))
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)

@@ -56,8 +56,14 @@ def test_fully_masked_rows_give_zero_and_minus_inf():
 def make_mla(batch, s_q, s_k, heads, d_nope=32, d_c=24, d_r=16, d_v=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return (r(batch, s_q, heads, d_nope), r(batch, s_q, heads, d_r), r(batch, s_k, d_c), r(batch, s_k, d_r),
-            r(heads, d_nope, d_c) * d_c**-0.5, r(heads, d_v, d_c) * d_c**-0.5)
+    return (
+        r(batch, s_q, heads, d_nope),
+        r(batch, s_q, heads, d_r),
+        r(batch, s_k, d_c),
+        r(batch, s_k, d_r),
+        r(heads, d_nope, d_c) * d_c**-0.5,
+        r(heads, d_v, d_c) * d_c**-0.5,
+    )
 
 
 @pytest.mark.parametrize("s_q,s_k,heads", [(1, 1, 1), (63, 63, 3), (17, 500, 12)])
@@ -88,7 +94,12 @@ def test_mla_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         latent_attention_ref(q_nope, q_rope, ckv, k_rope)  # no scale given
     with pytest.raises(ValueError, match="k_valid"):
-        attention_ref(torch.randn(1, 2, 1, 4), torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4), torch.ones(1, 2, dtype=torch.bool))
+        attention_ref(
+            torch.randn(1, 2, 1, 4),
+            torch.randn(1, 3, 1, 4),
+            torch.randn(1, 3, 1, 4),
+            torch.ones(1, 2, dtype=torch.bool),
+        )
 
 
 def test_dispatch_matches_reference():
@@ -96,6 +107,11 @@ def test_dispatch_matches_reference():
     q, k, v = torch.randn(63, 3, 16), torch.randn(130, 3, 16), torch.randn(130, 3, 16)
     ref, _ = attention_ref(q[None], k[None], v[None])
     assert report("dispatch.mha", dispatch.mha(q, k, v), ref[0]) <= 1e-5
-    q_lat, q_rope, ckv, k_rope = torch.randn(63, 3, 24), torch.randn(63, 3, 8), torch.randn(130, 24), torch.randn(130, 8)
+    q_lat, q_rope, ckv, k_rope = (
+        torch.randn(63, 3, 24),
+        torch.randn(63, 3, 8),
+        torch.randn(130, 24),
+        torch.randn(130, 8),
+    )
     ref, _ = latent_attention_ref(q_lat[None], q_rope[None], ckv[None], k_rope[None], scale=0.2)
     assert report("dispatch.latent", dispatch.latent(q_lat, q_rope, ckv, k_rope, 0.2), ref[0]) <= 1e-5

@@ -7,8 +7,16 @@ T = 4  # tokens per frame
 
 
 def layout(**kw):
-    base = dict(kind="mla", num_layers=2, tokens_per_frame=T, sink_frames=1, memory_frames=2,
-                window_frames=4, latent_dim=6, rope_dim=6)
+    base = dict(
+        kind="mla",
+        num_layers=2,
+        tokens_per_frame=T,
+        sink_frames=1,
+        memory_frames=2,
+        window_frames=4,
+        latent_dim=6,
+        rope_dim=6,
+    )
     base.update(kw)
     return CacheLayout(**base)
 
@@ -72,7 +80,7 @@ def test_storage_dtypes_round_trip(dtype, tol):
     cache.write_slots(0, plan.slots, x)
     cache.commit(plan)
     rows, _ = cache.read(0)
-    assert float(((rows - x).norm() / x.norm())) <= tol
+    assert float((rows - x).norm() / x.norm()) <= tol
 
 
 @pytest.mark.parametrize("gran", ["token", "frame"])
@@ -101,7 +109,12 @@ def test_bytes_per_token_mha_vs_mla():
 
 
 def test_capacity_bytes_equals_allocation():
-    for kw in (dict(), dict(dtype="fp8"), dict(dtype="fp8", fp8_scale="frame"), dict(kind="mha", num_heads=3, head_dim=2)):
+    for kw in (
+        dict(),
+        dict(dtype="fp8"),
+        dict(dtype="fp8", fp8_scale="frame"),
+        dict(kind="mha", num_heads=3, head_dim=2),
+    ):
         lay = layout(**kw)
         assert LatentKVCache(lay).nbytes() == lay.capacity_bytes()
 

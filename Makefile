@@ -1,0 +1,36 @@
+# `make demo` and `make test` each build the virtual environment they need on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= out/demo.mp4
+DEMO_FRAMES ?= 240
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# the CPU build of torch first: an unpinned torch requirement would pull several GB of CUDA wheels
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p $(dir $(DEMO_OUT))
+	$(VENV)/bin/longroll generate --preset tiny --frames $(DEMO_FRAMES) --out $(DEMO_OUT)
+
+test: $(STAMP)
+	@# pytest exits 5 when it collected no tests: that is a failure here
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "error: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/cache.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,136 @@
+"""Deployment sizing: cache bytes per token and per stream, streams per GPU, store growth."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+
+import torch
+
+from ops.latent_cache import TORCH_DTYPES
+from workers.config import ModelConfig
+from workers.model import CausalVideoDiT
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+RESERVED_FRACTION = 0.10  # of GPU memory kept free for the allocator, CUDA context and fragmentation
+EMBEDDING_DIM = 64  # retrieval embedding stored per chunk (float32)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' -> 80e9, '141GiB' -> 141 * 2**30. Raises ValueError on anything else."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"cannot read a memory size from {text!r} (try 80GB or 141GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def count_params(cfg: ModelConfig) -> int:
+    with torch.device("meta"):
+        model = CausalVideoDiT(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
+    """Size a deployment of ``cfg`` on GPUs with ``gpu_mem`` bytes for streams of ``hours`` hours.
+
+    Returns a JSON-able dict; every byte figure is in bytes.
+    """
+    if hours <= 0:
+        raise ValueError(f"{hours=} must be > 0")
+    layout = cfg.cache_layout()
+    base_dtype = "bf16" if cfg.cache_dtype == "fp8" else cfg.cache_dtype
+    mha = replace(cfg, attention="mha", cache_dtype=base_dtype).cache_layout()
+    elem = TORCH_DTYPES[cfg.dtype].itemsize
+    params = count_params(cfg)
+    weights = params * elem
+    chunk_tokens = cfg.frames_per_chunk * cfg.tokens_per_frame
+    # live activations of one stream's chunk: residual + FFN hidden + q/k/v/out, one layer at a time
+    activations = chunk_tokens * cfg.dim * (cfg.ffn_mult + 6) * elem
+    cache_stream = layout.capacity_bytes()
+    usable = gpu_mem * (1 - RESERVED_FRACTION) - weights
+    streams = max(0, math.floor(usable / (cache_stream + activations)))
+    video_fps = cfg.fps  # real time
+    latent_fps = video_fps / cfg.vae_stride[0]
+    chunks_per_hour = latent_fps * 3600 / cfg.frames_per_chunk
+    row_bytes = (
+        cfg.frames_per_chunk * cfg.latent_channels * cfg.latent_height * cfg.latent_width * 2 + EMBEDDING_DIM * 4
+    )
+    store_hour = chunks_per_hour * row_bytes
+    return {
+        "preset": cfg.name,
+        "attention": cfg.attention,
+        "cache_dtype": cfg.cache_dtype,
+        "layers": cfg.num_layers,
+        "tokens_per_frame": cfg.tokens_per_frame,
+        "context_frames": layout.slot_frames,
+        "cache_bytes_per_token": layout.bytes_per_token(),
+        "cache_bytes_per_token_per_layer": layout.bytes_per_token_per_layer(),
+        "mha_cache_bytes_per_token": mha.bytes_per_token(),
+        "cache_reduction_pct": 100.0 * (1 - layout.bytes_per_token() / mha.bytes_per_token()),
+        "cache_bytes_per_frame": layout.bytes_per_token() * cfg.tokens_per_frame,
+        "cache_bytes_per_stream": cache_stream,
+        "mha_cache_bytes_per_stream": mha.capacity_bytes(),
+        "params": params,
+        "weights_bytes": weights,
+        "activation_bytes_per_stream": activations,
+        "gpu_mem_bytes": gpu_mem,
+        "streams_per_gpu": streams,
+        "mha_streams_per_gpu": max(0, math.floor(usable / (mha.capacity_bytes() + activations))),
+        "store_bytes_per_stream_hour": store_hour,
+        "hours": hours,
+        "store_bytes_per_stream": store_hour * hours,
+        "frames_per_stream": int(video_fps * 3600 * hours),
+    }
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def format_plan(p: dict) -> str:
+    rows = [
+        ("preset / attention / cache dtype", f"{p['preset']} / {p['attention']} / {p['cache_dtype']}"),
+        (
+            "cache per token (all layers)",
+            f"{human(p['cache_bytes_per_token'])}  vs MHA {human(p['mha_cache_bytes_per_token'])}"
+            f"  ({p['cache_reduction_pct']:.1f}% less)",
+        ),
+        ("cache per latent frame", human(p["cache_bytes_per_frame"])),
+        (
+            "cache per stream",
+            f"{human(p['cache_bytes_per_stream'])} ({p['context_frames']} frames)"
+            f"  vs MHA {human(p['mha_cache_bytes_per_stream'])}",
+        ),
+        ("weights", f"{human(p['weights_bytes'])} ({p['params'] / 1e6:.1f} M params)"),
+        (
+            "streams per GPU",
+            f"{p['streams_per_gpu']}  (MHA: {p['mha_streams_per_gpu']}) on {human(p['gpu_mem_bytes'])}",
+        ),
+        ("memory store per stream-hour", human(p["store_bytes_per_stream_hour"])),
+        (
+            f"memory store per stream, {p['hours']:g} h",
+            f"{human(p['store_bytes_per_stream'])} ({p['frames_per_stream']:,} frames)",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
