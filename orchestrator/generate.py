@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -11,16 +12,12 @@ import structlog
 import torch
 from tqdm import tqdm
 
-from workers.config import ModelConfig
+from orchestrator.cli_common import UsageError, add_model_options, build_config
 from workers.generator import Generator
 from workers.types import StreamSpec
 from workers.video import Mp4Writer
 
 log = structlog.get_logger(__name__)
-
-
-class UsageError(ValueError):
-    """Bad input: reported as one `error: ...` line with exit code 2."""
 
 
 def check_output_path(out: str, suffix: str = ".mp4") -> Path:
@@ -40,18 +37,31 @@ def check_output_path(out: str, suffix: str = ".mp4") -> Path:
     return path
 
 
-def build_config(args) -> ModelConfig:
-    try:
-        return ModelConfig.from_name(
-            args.preset,
-            attention=args.attention,
-            memory=getattr(args, "memory", None),
-            latent_dim=args.latent_dim,
-            rope_dim=args.rope_dim,
-            cache_dtype=args.cache_dtype,
+def register(sub) -> None:
+    g = sub.add_parser("generate", help="generate one stream in this process and write an mp4")
+    add_model_options(g)
+    g.add_argument("--frames", type=int, required=True, help="number of frames to generate")
+    g.add_argument("--out", required=True, help="output .mp4 file")
+    g.add_argument("--seed", type=int, default=0, help="stream seed: chunk i's noise depends on (seed, i)")
+    g.add_argument("--prompt", default="", help="hashed into the stream's conditioning vector")
+    g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscale of the written video")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=run)
+
+
+def run(args) -> int:
+    summary = run_generate(args)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"wrote {summary['out']}: {summary['frames']} frames in {summary['seconds']:.1f} s "
+            f"= {summary['fps']:.1f} frames/s; {summary['attention']} cache {summary['cache_bytes'] / 1e6:.2f} MB "
+            f"({summary['cache_bytes_per_token']:.0f} bytes/token)"
         )
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
+    return 0
 
 
 def run_generate(args) -> dict:
@@ -60,6 +70,8 @@ def run_generate(args) -> dict:
     out = check_output_path(args.out)
     cfg = build_config(args)
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if cfg.memory != "window":
+        raise UsageError(f"--memory {cfg.memory} is not wired into `generate` yet; use --memory window")
     if not cfg.can_decode:
         raise UsageError(f"preset {cfg.name!r} has no VAE decoder here; it is for `longroll plan` and GPU benchmarks")
     gen = Generator(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import replace
@@ -9,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from ops.latent_cache import TORCH_DTYPES
+from orchestrator.cli_common import UsageError, add_model_options, build_config
 from workers.config import ModelConfig
 from workers.model import CausalVideoDiT
 
@@ -33,10 +35,10 @@ EMBEDDING_DIM = 64  # retrieval embedding stored per chunk (float32)
 
 
 def parse_bytes(text: str) -> int:
-    """'80GB' -> 80e9, '141GiB' -> 141 * 2**30. Raises ValueError on anything else."""
+    """'80GB' -> 80e9, '141GiB' -> 141 * 2**30. Raises UsageError (a ValueError) on anything else."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"cannot read a memory size from {text!r} (try 80GB or 141GiB)")
+        raise UsageError(f"cannot read a memory size from {text!r} (try 80GB or 141GiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
@@ -52,7 +54,7 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
     Returns a JSON-able dict; every byte figure is in bytes.
     """
     if hours <= 0:
-        raise ValueError(f"{hours=} must be > 0")
+        raise UsageError(f"--hours must be > 0, got {hours}")
     layout = cfg.cache_layout()
     base_dtype = "bf16" if cfg.cache_dtype == "fp8" else cfg.cache_dtype
     mha = replace(cfg, attention="mha", cache_dtype=base_dtype).cache_layout()
@@ -134,3 +136,18 @@ def format_plan(p: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="size a deployment: cache per token/stream, streams per GPU, store growth")
+    add_model_options(p, memory=False)
+    p.add_argument("--gpu-mem", default="80GB", help="memory of one GPU, e.g. 80GB or 141GiB")
+    p.add_argument("--hours", type=float, default=24.0, help="length of one stream")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    result = plan(build_config(args), parse_bytes(args.gpu_mem), args.hours)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
