@@ -1,0 +1,288 @@
+"""Retrieval of a stream's most relevant non-local history for its next chunk.
+
+Hot path (default): the stream's embeddings in a :class:`~memory_store.hot_tier.HotTier` in this
+process, exact top-k, payloads from its LRU or, on a miss, from LanceDB by chunk index. Cold path
+(``config.hot_tier = False``): one LanceDB vector search that also returns the payloads (flat and exact
+below ``index_threshold_rows``, indexed and approximate above).
+
+Version pinning: ``search(..., version=v)`` and ``open_stream(..., version=v)`` read the table as of
+version ``v``, so a stream resumed from a checkpoint that recorded ``v`` retrieves exactly what the
+original run would have. Chunks passed to :meth:`Retriever.observe` (the ones this process generated)
+are searchable at once, whatever the version.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+import torch
+
+from memory_store.config import MemoryStoreConfig
+from memory_store.db import (
+    PAYLOAD_COLUMNS,
+    StoredChunk,
+    connect,
+    fetch_chunks,
+    open_chunk_table,
+    read_embeddings,
+    rows_to_chunks,
+)
+from memory_store.hot_tier import HotTier
+from memory_store.policies import CandidateRange, adaptive_window_exclusion, longlive_rag_candidates
+from memory_store.schema import ChunkRecord, MemoryStoreError, UnknownStreamError, validate_stream_id
+
+__all__ = [
+    "CandidateRange",
+    "RetrievedChunk",
+    "Retriever",
+    "adaptive_window_exclusion",
+    "longlive_rag_candidates",
+]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrievedChunk:
+    chunk_index: int
+    first_frame: int
+    num_frames: int
+    score: float  # cosine similarity to the query
+    latents: torch.Tensor  # float32 [F, C, H, W] (float16-exact values)
+
+
+class Retriever:
+    """Searches the history of any number of streams; one per generator process.
+
+    Args:
+        config: the store's config (uri, embedding_dim, hot tier and payload cache settings).
+        quantize_min_rows: passed to each :class:`HotTier`.
+    """
+
+    def __init__(self, config: MemoryStoreConfig, *, quantize_min_rows: int = 32768) -> None:
+        self.config = config
+        self.quantize_min_rows = quantize_min_rows
+        self._db = connect(config)
+        self._lock = threading.RLock()
+        self._tiers: dict[str, HotTier] = {}  # the tier a generator appends to, per stream
+        self._pinned: dict[tuple[str, int], HotTier] = {}  # read-only tiers of other versions
+        self._tables: dict[tuple[str, int | None], object] = {}
+        self._executor: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ hot tier management
+
+    def open_stream(self, stream_id: str, *, version: int | None = None, create: bool = False) -> HotTier:
+        """Load (warm start) the stream's hot tier from the store, as of ``version`` if given.
+
+        Raises:
+            UnknownStreamError: no table for the stream and ``create`` is False.
+        """
+        validate_stream_id(stream_id)
+        try:
+            tier = HotTier.from_lancedb(
+                self.config, stream_id, version=version, quantize_min_rows=self.quantize_min_rows
+            )
+        except UnknownStreamError:
+            if not create or version is not None:
+                raise
+            tier = self._new_tier()
+        tier.pinned = version
+        with self._lock:
+            old = self._tiers.get(stream_id)
+            self._tiers[stream_id] = tier
+        if old is not None:
+            old.close()
+        return tier
+
+    def observe(self, record: ChunkRecord) -> None:
+        """Make a chunk this process just generated searchable now (before its commit is durable).
+
+        The payload is cached rounded to float16, exactly as it would be read back from the store.
+        """
+        sid = validate_stream_id(record.stream_id)
+        with self._lock:
+            tier = self._tiers.get(sid)
+        if tier is None:
+            tier = self.open_stream(sid, create=True)
+        emb = np.asarray(record.embedding, dtype=np.float32)
+        if emb.shape != (self.config.embedding_dim,):
+            raise ValueError(f"{sid}[{record.chunk_index}]: embedding.shape={emb.shape}")
+        tier.append(int(record.chunk_index), emb)
+        latents = record.latents.detach().to("cpu", torch.float16).to(torch.float32)
+        tier.payloads.put(
+            int(record.chunk_index),
+            StoredChunk(int(record.chunk_index), int(record.first_frame), int(record.num_frames), latents),
+        )
+
+    def _new_tier(self) -> HotTier:
+        tier = HotTier(
+            self.config.embedding_dim,
+            self.config.hot_tier_device,
+            payload_cache_entries=self.config.payload_cache_entries,
+            quantize_min_rows=self.quantize_min_rows,
+        )
+
+    def _tier_for(self, stream_id: str, version: int | None) -> HotTier:
+        with self._lock:
+            tier = self._tiers.get(stream_id)
+            if tier is not None and (version is None or tier.pinned == version):
+                return tier
+            pinned = self._pinned.get((stream_id, version)) if version is not None else None
+        if pinned is not None:
+            return pinned
+        if version is None or tier is None:
+            return self.open_stream(stream_id, version=version)
+        pinned = HotTier.from_lancedb(
+            self.config, stream_id, version=version, quantize_min_rows=self.quantize_min_rows
+        )
+        pinned.pinned = version
+        with self._lock:
+            return self._pinned.setdefault((stream_id, version), pinned)
+
+    def _catch_up(self, stream_id: str, tier: HotTier, stop: int) -> None:
+        """Pull durable rows a latest-version tier has not seen (written by another process)."""
+        if tier.pinned is not None or tier.max_chunk_index >= stop - 1:
+            return
+        try:
+            table = self._table(stream_id, None, refresh=True)
+        except UnknownStreamError:
+            return
+        ci, emb = read_embeddings(table, after_chunk=tier.max_chunk_index)
+        if len(ci):
+            tier.extend(ci, emb)
+            log.debug("hot_tier_caught_up", stream_id=stream_id, rows=len(ci))
+
+    def _table(self, stream_id: str, version: int | None, *, refresh: bool = False):
+        key = (stream_id, version)
+        with self._lock:
+            table = self._tables.get(key)
+        if table is None:
+            table = open_chunk_table(self._db, stream_id, self.config.embedding_dim, version=version)
+            with self._lock:
+                self._tables[key] = table
+        elif refresh and version is None:
+            table.checkout_latest()
+        return table
+
+    # ------------------------------------------------------------------ search
+
+    def search(
+        self,
+        stream_id: str,
+        query: np.ndarray,
+        k: int,
+        *,
+        before_chunk: int,
+        exclude_recent: int = 0,
+        version: int | None = None,
+        start_chunk: int = 0,
+    ) -> list[RetrievedChunk]:
+        """Top-k chunks by cosine similarity with ``start_chunk <= chunk_index < before_chunk - exclude_recent``.
+
+        ``before_chunk`` is the first chunk of the local window; ``exclude_recent`` is LongLive-RAG's R.
+        Returns best first (ties: lower chunk index first).
+
+        Raises:
+            ValueError: bad stream id, query not float [E] and finite, negative k / exclude_recent.
+            UnknownStreamError: the stream has no table and nothing was observed for it.
+            ChecksumError: a retrieved payload fails its checksum.
+            MemoryStoreError: ``version`` does not exist.
+        """
+        if exclude_recent < 0:
+            raise ValueError(f"{exclude_recent=} must be >= 0")
+        rng = CandidateRange(start_chunk, before_chunk - exclude_recent)
+        return self.search_range(stream_id, query, k, rng, version=version)
+
+    def search_range(
+        self, stream_id: str, query: np.ndarray, k: int, candidates: CandidateRange, *, version: int | None = None
+    ) -> list[RetrievedChunk]:
+        """Like :meth:`search` over an explicit candidate range (e.g. from one of the policies)."""
+        sid = validate_stream_id(stream_id)
+        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        if q.shape != (self.config.embedding_dim,) or not np.isfinite(q).all():
+            raise ValueError(f"query.shape={q.shape} must be ({self.config.embedding_dim},) and finite")
+        if k < 0:
+            raise ValueError(f"{k=} must be >= 0")
+        if k == 0 or len(candidates) == 0:  # e.g. the first chunks of a stream: nothing to retrieve yet
+            return []
+        if not self.config.hot_tier:
+            return self._search_cold(sid, q, k, candidates, version)
+        tier = self._tier_for(sid, version)
+        self._catch_up(sid, tier, candidates.stop)
+        hits = tier.topk(q, k, candidates.stop, min_chunk_index=candidates.start)
+        payloads = self._payloads(sid, tier, [int(c) for c in hits.chunk_indices])
+        return [
+            RetrievedChunk(c, p.first_frame, p.num_frames, float(s), p.latents)
+            for c, s, p in ((int(c), s, payloads[int(c)]) for c, s in zip(hits.chunk_indices, hits.scores))
+        ]
+
+    def _payloads(self, stream_id: str, tier: HotTier, chunk_indices: list[int]) -> dict[int, StoredChunk]:
+        out = {c: tier.payloads.get(c) for c in chunk_indices}
+        missing = [c for c, p in out.items() if p is None]
+        if missing:
+            fetched = fetch_chunks(self._table(stream_id, tier.pinned, refresh=True), stream_id, missing)
+            later = [c for c in missing if c not in fetched]  # observed after the pinned version
+            if later and tier.pinned is not None:
+                fetched |= fetch_chunks(self._table(stream_id, None, refresh=True), stream_id, later)
+            for c in missing:
+                if c not in fetched:
+                    raise MemoryStoreError(f"{stream_id}[{c}]: in the hot tier but neither cached nor durable")
+                tier.payloads.put(c, fetched[c])
+                out[c] = fetched[c]
+        return out
+
+    def _search_cold(
+        self, sid: str, q: np.ndarray, k: int, rng: CandidateRange, version: int | None
+    ) -> list[RetrievedChunk]:
+        table = self._table(sid, version, refresh=True)
+        q = q / max(float(np.linalg.norm(q)), 1e-30)
+        t = (
+            table.search(q, vector_column_name="embedding")
+            .distance_type("cosine")
+            .where(f"chunk_index >= {int(rng.start)} AND chunk_index < {int(rng.stop)}", prefilter=True)
+            .nprobes(self.config.nprobes)
+            .refine_factor(self.config.refine_factor)
+            .limit(k)
+            .select([*PAYLOAD_COLUMNS, "_distance"])
+            .to_arrow()
+        )
+        scores = 1.0 - t.column("_distance").to_numpy()
+        chunks = rows_to_chunks(t, sid)
+        order = np.lexsort(([c.chunk_index for c in chunks], -scores))
+        return [
+            RetrievedChunk(chunks[i].chunk_index, chunks[i].first_frame, chunks[i].num_frames, float(scores[i]),
+                           chunks[i].latents)
+            for i in order
+        ]
+
+    def prefetch(self, stream_id: str, query: np.ndarray, k: int, **kwargs) -> Future[list[RetrievedChunk]]:
+        """Run :meth:`search` on a background thread (one worker, FIFO) and return its future.
+
+        A generator issues the next chunk's retrieval as soon as its query embedding exists (right after
+        the current chunk is denoised) and collects it after the re-cache pass and the writes.
+        """
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retriever-prefetch")
+        return self._executor.submit(self.search, stream_id, query, k, **kwargs)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        with self._lock:
+            tiers = list(self._tiers.values()) + list(self._pinned.values())
+            self._tiers.clear()
+            self._pinned.clear()
+            self._tables.clear()
+        for t in tiers:
+            t.close()
+
+    def __enter__(self) -> Retriever:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
