@@ -49,7 +49,7 @@ def _sparse_latent_attention_fwd_kernel(
     stride_jb, stride_jh,  # block_cnt [B, H_g, N_QG], last stride 1
     stride_ob, stride_os, stride_oh,
     S_Q, S_CTX, S_NEW, N_QG, K_SEL, qk_scale,
-    H: tl.constexpr, G: tl.constexpr, QG: tl.constexpr, TILES: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, QG: tl.constexpr,
     D_C: tl.constexpr, D_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_C1: tl.constexpr, BLOCK_C2: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -59,6 +59,7 @@ def _sparse_latent_attention_fwd_kernel(
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     i_b64 = i_b.to(tl.int64)
     # program -> (head group, query group, tile of that group's QG*G rows)
+    TILES = (QG * G + BLOCK_M - 1) // BLOCK_M
     i_t = i_p % TILES
     i_g = (i_p // TILES) % N_QG
     i_hg = i_p // (TILES * N_QG)
@@ -130,6 +131,16 @@ def _sparse_latent_attention_fwd_kernel(
     _store_rows(acc1, acc2, m_i, l_i, o_lat, lse, o_o, o_lse, m_row, D_C, BLOCK_C1, BLOCK_C2, HAS_C2)
 
 
+# configurations tried on a GPU when no block_m is given (the interpreter runs one fixed configuration)
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+    for bm, w, s in [(128, 8, 2), (128, 8, 3), (64, 4, 3), (64, 4, 2)]
+]
+_sparse_latent_attention_fwd_tuned = triton.autotune(
+    configs=_GPU_CONFIGS, key=["H", "G", "QG", "D_C", "D_R", "BLOCK_N", "HAS_VALID"]
+)(_sparse_latent_attention_fwd_kernel)
+
+
 def _launch(q_lat, q_rope, ckv, k_rope, k_len, k_valid, window_start, block_idx, block_cnt, ckv_new, k_rope_new,
             s_ctx, s_new, scale, block_size, q_group, block_m, num_warps, num_stages):
     batch, s_q, heads, d_c = q_lat.shape
@@ -142,9 +153,6 @@ def _launch(q_lat, q_rope, ckv, k_rope, k_len, k_valid, window_start, block_idx,
         return o_lat, lse
     check_backend(_sparse_latent_attention_fwd_kernel, q_lat)
     rows = q_group * group
-    if block_m is None:
-        block_m = min(128 if not interpreting() else 64, max(16, triton.next_power_of_2(rows)))
-    tiles = triton.cdiv(rows, block_m)
     c1, c2 = pow2_split(d_c)
     ckv_new = dummy(q_lat) if ckv_new is None else ckv_new
     k_rope_new = dummy(q_lat) if k_rope_new is None else k_rope_new
@@ -152,8 +160,7 @@ def _launch(q_lat, q_rope, ckv, k_rope, k_len, k_valid, window_start, block_idx,
         block_idx = torch.zeros((batch, h_g, n_qg, 1), dtype=torch.int32, device=q_lat.device)
         block_cnt = torch.zeros_like(block_cnt)
         k_sel = 1
-    grid = (h_g * n_qg * tiles, batch)
-    _sparse_latent_attention_fwd_kernel[grid](
+    args = [
         q_lat, q_rope, ckv, k_rope,
         dummy(q_lat, torch.int32) if k_len is None else k_len,
         dummy(q_lat, torch.uint8) if k_valid is None else k_valid,
@@ -169,14 +176,22 @@ def _launch(q_lat, q_rope, ckv, k_rope, k_len, k_valid, window_start, block_idx,
         block_cnt.stride(0), block_cnt.stride(1),
         o_lat.stride(0), o_lat.stride(1), o_lat.stride(2),
         s_q, s_ctx, s_new, n_qg, k_sel, scale * LOG2E,
-        H=heads, G=group, QG=q_group, TILES=tiles, D_C=d_c, D_R=d_r,
-        BLOCK_M=block_m, BLOCK_N=block_size, BLOCK_C1=c1, BLOCK_C2=max(c2, 16),
+    ]
+    meta = dict(
+        H=heads, G=group, QG=q_group, D_C=d_c, D_R=d_r, BLOCK_N=block_size, BLOCK_C1=c1, BLOCK_C2=max(c2, 16),
         BLOCK_R=max(16, triton.next_power_of_2(d_r)),
         HAS_C2=c2 > 0, HAS_LEN=k_len is not None, HAS_VALID=k_valid is not None, HAS_WIN=window_start is not None,
         PRECISION="ieee" if q_lat.dtype == torch.float32 else None,
         UPCAST=interpreting() and q_lat.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=num_stages,
     )
+    if block_m is None and not interpreting():
+        grid = lambda m: (h_g * n_qg * triton.cdiv(rows, m["BLOCK_M"]), batch)  # noqa: E731
+        _sparse_latent_attention_fwd_tuned[grid](*args, **meta)
+    else:
+        block_m = block_m or min(64, max(16, triton.next_power_of_2(rows)))
+        grid = (h_g * n_qg * triton.cdiv(rows, block_m), batch)
+        _sparse_latent_attention_fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, num_warps=num_warps,
+                                                  num_stages=num_stages)
     return o_lat, lse
 
 
@@ -197,7 +212,7 @@ def sparse_latent_attention(
     ckv_new: torch.Tensor | None = None,
     k_rope_new: torch.Tensor | None = None,
     block_m: int | None = None,
-    num_warps: int = 8,
+    num_warps: int = 4,
     num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-MLA attention over selected context blocks + local window + current chunk.
@@ -217,7 +232,8 @@ def sparse_latent_attention(
         k_len: [B] int or None (S_ctx): context keys j >= k_len[b] are ignored.
         k_valid: [B, S_ctx] bool or None: False marks unused slots (they may hold NaN).
         ckv_new: [B, S_new, d_c] / k_rope_new: [B, S_new, d_r] or None: the current chunk, always attended.
-        block_m, num_warps, num_stages: launch configuration (defaults suit an H100).
+        block_m, num_warps, num_stages: launch configuration; with block_m None the kernel is
+            autotuned on a GPU (num_warps/num_stages then come from the tuned configurations).
     Returns:
         o_lat: [B, S_q, H, d_c] in q_lat's dtype; lse: [B, S_q, H] fp32 (-inf where nothing is attended).
     Raises:
