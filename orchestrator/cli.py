@@ -10,10 +10,15 @@ from __future__ import annotations
 import sys
 
 from orchestrator import generate, plan
+from orchestrator import resume as resume_cmd
+from orchestrator import run as run_cmd
+from orchestrator import status as status_cmd
+from orchestrator import stop as stop_cmd
+from orchestrator import submit as submit_cmd
 from orchestrator.cli_common import Parser, UsageError
 from orchestrator.logs import configure_logging
 
-COMMANDS = [generate, plan]
+COMMANDS = [generate, plan, run_cmd, submit_cmd, status_cmd, stop_cmd, resume_cmd]
 
 
 def build_parser() -> Parser:

@@ -1,0 +1,374 @@
+"""The ``Orchestrator`` actor: stream registry, assignment, checkpoint schedule, health and recovery.
+
+It is detached and named (one per output directory) and may be restarted by Ray at any time: its
+constructor rebuilds the registry from ``run.json`` and the stream manifests and starts the control
+loop in a thread. Workers it created die with it (Ray's ownership), and the new incarnation reloads
+every unfinished stream from its newest valid checkpoint.
+
+The control loop keeps one ``step`` call in flight per worker and waits on them with a timeout. A
+step that raises an actor error (SIGKILLed process, lost node, restarting actor) marks the worker
+lost: its streams go back to pending, are assigned to the least-loaded live workers, and reload from
+their checkpoints; a replacement worker is started and, once ready, takes a fair share by moving
+streams (each move checkpoints the stream first). Ray never retries a step on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import ray
+import structlog
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from orchestrator.registry import FINAL_STATES, NAMESPACE, RunSpec, actor_name, clear_stops, pending_stops
+from workers.messages import (
+    Recovery,
+    RunProgress,
+    StepReport,
+    StreamAssignment,
+    StreamStatus,
+    WorkerInfo,
+)
+from workers.output import write_json_atomic
+from workers.worker import GeneratorWorker
+
+log = structlog.get_logger(__name__)
+
+STARTUP_WAIT_S = 60.0  # at start, wait this long for every worker before assigning (avoids moves)
+NODE_CHECK_S = 1.0  # how often node membership is checked
+CALL_TIMEOUT_S = 120.0  # assign / release calls
+
+
+@dataclass
+class _Worker:
+    id: str
+    handle: object
+    ready_ref: object | None  # pending info() call while starting
+    info: WorkerInfo | None = None
+    streams: set[str] = field(default_factory=set)
+    inflight: object | None = None  # ObjectRef of the step in flight
+
+
+class OrchestratorImpl:
+    def __init__(self, out_dir: str, poll_s: float = 0.5, start_loop: bool = True):
+        self.run = RunSpec.load(out_dir)
+        self.settings = self.run.worker_settings()
+        self.poll_s = poll_s
+        self.lock = threading.RLock()
+        self.entries = {e.spec.stream_id: e for e in self.run.streams}
+        self.state: dict[str, str] = {}
+        self.next_chunk: dict[str, int] = {}
+        self.last_ckpt: dict[str, int | None] = {}
+        for sid in self.entries:
+            m = self.run.manifest(sid) or {}
+            st = m.get("state", "pending")
+            self.state[sid] = st if st in FINAL_STATES else "pending"
+            self.next_chunk[sid] = int(m.get("chunks_done", 0))
+            self.last_ckpt[sid] = m.get("last_checkpoint")
+        self.assigned: dict[str, str] = {}
+        self.workers: dict[str, _Worker] = {}
+        self.incarnation = uuid.uuid4().hex[:6]
+        self._n_spawned = 0
+        self._startup_until = time.monotonic() + STARTUP_WAIT_S
+        self._started = False
+        self.recoveries: list[Recovery] = []
+        self._awaiting: dict[str, int] = {}  # stream -> index into recoveries
+        self.chunks = self.frames = 0
+        self.control_s = 0.0
+        self.started_at = time.time()
+        self.error: str | None = None
+        self.finished = False
+        self._next_node_check = 0.0
+        self._use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        self._event("orchestrator.start", incarnation=self.incarnation,
+                    pending=sum(s == "pending" for s in self.state.values()))
+        self._thread = None
+        if start_loop:
+            self._thread = threading.Thread(target=self._loop, name="orchestrator-loop", daemon=True)
+            self._thread.start()
+
+    # ---- queries (called from other actor threads) -----------------------------------------
+    def progress(self) -> RunProgress:
+        with self.lock:
+            streams = tuple(
+                StreamStatus(sid, self.state[sid], self.next_chunk[sid], e.target_chunks, self.assigned.get(sid),
+                             self.last_ckpt[sid])
+                for sid, e in self.entries.items()
+            )
+            workers = tuple(replace(w.info, stream_ids=tuple(sorted(w.streams))) for w in self.workers.values()
+                            if w.info is not None)
+            state = self.run.state if self.finished else "running" if self._started else "starting"
+            return RunProgress(state, streams, workers, self.chunks, self.frames, self.started_at, self.control_s,
+                               tuple(self.recoveries), self.error)
+
+    def stop(self, stream_ids: list[str] | None = None) -> None:
+        from orchestrator.registry import request_stop
+
+        request_stop(self.run.out_dir, stream_ids)
+
+    def ping(self) -> str:
+        return self.incarnation
+
+    # ---- events ------------------------------------------------------------------------------
+    def _event(self, name: str, **kw) -> None:
+        """structlog + a durable line in DIR/events.jsonl (what `status` and tests read)."""
+        log.info(name, **kw)
+        with contextlib.suppress(OSError), open(Path(self.run.out_dir) / "events.jsonl", "a") as f:
+            f.write(json.dumps({"event": name, "time": time.time(), **kw}, default=str) + "\n")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self.finished:
+            try:
+                self._tick()
+            except Exception as e:  # noqa: BLE001 - keep orchestrating; the error is reported in progress()
+                self.error = f"{type(e).__name__}: {e}"
+                log.exception("orchestrator.loop_error")
+                time.sleep(1.0)
+
+    def _tick(self) -> None:
+        t0 = time.perf_counter()
+        with self.lock:
+            self._ensure_workers()
+            self._check_nodes()
+            self._handle_stops()
+            self._assign_pending()
+            if self._all_final():
+                self._finish()
+                return
+            refs = {}
+            for w in self.workers.values():
+                if w.info is not None and w.streams and w.inflight is None:
+                    w.inflight = w.handle.step.remote()
+                if w.inflight is not None:
+                    refs[w.inflight] = w
+            waiting = [w.ready_ref for w in self.workers.values() if w.ready_ref is not None]
+        self.control_s += time.perf_counter() - t0
+        if not refs and not waiting:
+            time.sleep(self.poll_s / 5)
+            return
+        ready, _ = ray.wait(list(refs) + waiting, num_returns=1, timeout=self.poll_s)
+        t0 = time.perf_counter()
+        with self.lock:
+            done = [r for r in refs if r in set(ready)]
+            if done:  # also collect every other step that has finished meanwhile
+                more, _ = ray.wait([r for r in refs if r not in done], num_returns=len(refs) - len(done), timeout=0)
+                done += more
+            for ref in done:
+                w = refs[ref]
+                w.inflight = None
+                try:
+                    report = ray.get(ref)
+                except RayActorError as e:
+                    self._lost(w, f"{type(e).__name__}")
+                    continue
+                self._on_report(w, report)
+        self.control_s += time.perf_counter() - t0
+
+    # ---- workers -----------------------------------------------------------------------------
+    def _ensure_workers(self) -> None:
+        while len(self.workers) < self.run.workers:
+            wid = f"{self.incarnation}-w{self._n_spawned}"
+            self._n_spawned += 1
+            opts = {"num_gpus": 1} if self._use_gpu else {"num_cpus": self.run.worker_cpus}
+            handle = GeneratorWorker.options(**opts).remote(wid, self.settings)
+            self.workers[wid] = _Worker(wid, handle, handle.info.remote())
+            self._event("worker.spawn", worker_id=wid)
+        for w in list(self.workers.values()):
+            if w.ready_ref is None:
+                continue
+            ready, _ = ray.wait([w.ready_ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                w.info = ray.get(w.ready_ref)
+            except RayError as e:
+                self._event("worker.start_failed", worker_id=w.id, error=str(e)[:500])
+                self.workers.pop(w.id)
+                time.sleep(1.0)
+                continue
+            w.ready_ref = None
+            self._event("worker.ready", worker_id=w.id, pid=w.info.pid, node_id=w.info.node_id)
+            if self._started:
+                self._rebalance(w)
+
+    def _check_nodes(self) -> None:
+        now = time.monotonic()
+        if now < self._next_node_check:
+            return
+        self._next_node_check = now + NODE_CHECK_S
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        for w in list(self.workers.values()):
+            if w.info is not None and w.info.node_id and w.info.node_id not in alive:
+                self._lost(w, "node lost")
+
+    def _lost(self, w: _Worker, reason: str) -> None:
+        if self.workers.pop(w.id, None) is None:
+            return
+        with contextlib.suppress(Exception):
+            ray.kill(w.handle, no_restart=True)
+        streams = tuple(sorted(w.streams))
+        node = w.info.node_id if w.info else ""
+        rec = Recovery(w.id, node, reason, time.time(), streams, None)
+        self.recoveries.append(rec)
+        idx = len(self.recoveries) - 1
+        for sid in streams:
+            self.assigned.pop(sid, None)
+            if self.state[sid] == "running":
+                self.state[sid] = "pending"
+                self._awaiting[sid] = idx
+        self._event("worker.lost", worker_id=w.id, node_id=node, reason=reason, streams=list(streams))
+
+    def _live(self) -> list[_Worker]:
+        return [w for w in self.workers.values() if w.info is not None]
+
+    def _has_capacity(self, w: _Worker) -> bool:
+        cap = self.run.streams_per_worker
+        return cap is None or len(w.streams) < cap
+
+    # ---- streams -----------------------------------------------------------------------------
+    def _assign_pending(self) -> None:
+        pending = [sid for sid, st in self.state.items() if st == "pending"]
+        if not pending:
+            self._started = True
+            return
+        starting = any(w.info is None for w in self.workers.values())
+        if not self._started and starting and time.monotonic() < self._startup_until:
+            return  # first assignment: wait for every worker, so no stream has to move right away
+        calls = []
+        for sid in pending:
+            live = [w for w in self._live() if self._has_capacity(w)]
+            if not live:
+                break
+            w = min(live, key=lambda w: (len(w.streams), w.id))
+            e = self.entries[sid]
+            w.streams.add(sid)
+            self.assigned[sid] = w.id
+            self.state[sid] = "running"
+            calls.append((sid, w, w.handle.assign.remote(StreamAssignment(e.spec, e.target_chunks))))
+        self._started = self._started or bool(calls)
+        self._collect_assignments(calls)
+
+    def _collect_assignments(self, calls) -> None:
+        for sid, w, ref in calls:
+            try:
+                a = ray.get(ref, timeout=CALL_TIMEOUT_S)
+            except (RayActorError, GetTimeoutError) as e:
+                self._lost(w, f"assign failed: {type(e).__name__}")
+                continue
+            self.next_chunk[sid], self.last_ckpt[sid] = a.start_chunk, a.checkpoint
+            if a.skipped:
+                self._event("checkpoint.fallback", stream_id=sid, chunk_index=a.checkpoint, skipped=list(a.skipped))
+            self._event("stream.assigned", stream_id=sid, worker_id=w.id, chunk_index=a.start_chunk,
+                        checkpoint=a.checkpoint)
+
+    def _rebalance(self, new: _Worker) -> None:
+        """A worker joined: move streams to it from the most loaded workers until loads differ by <= 1."""
+        while self._has_capacity(new):
+            src = max(self._live(), key=lambda w: len(w.streams))
+            if src is new or len(src.streams) - len(new.streams) <= 1:
+                return
+            sid = sorted(src.streams)[-1]
+            try:
+                ray.get(src.handle.release.remote([sid]), timeout=CALL_TIMEOUT_S)
+            except (RayActorError, GetTimeoutError) as e:
+                self._lost(src, f"release failed: {type(e).__name__}")
+                continue
+            src.streams.discard(sid)
+            self._event("stream.moved", stream_id=sid, src=src.id, dst=new.id)
+            new.streams.add(sid)
+            self.assigned[sid] = new.id
+            self._collect_assignments(
+                [(sid, new, new.handle.assign.remote(StreamAssignment(self.entries[sid].spec,
+                                                                      self.entries[sid].target_chunks)))])
+
+    def _on_report(self, w: _Worker, r: StepReport) -> None:
+        self.chunks += r.chunks
+        self.frames += r.frames
+        for p in r.streams:
+            sid = p.stream_id
+            if self.assigned.get(sid) != w.id:
+                continue  # moved or stopped meanwhile
+            self.next_chunk[sid], self.last_ckpt[sid] = p.next_chunk, p.last_checkpoint
+            if sid in self._awaiting:
+                idx = self._awaiting.pop(sid)
+                rec = self.recoveries[idx]
+                if not any(self._awaiting.get(s) == idx for s in rec.streams):
+                    self.recoveries[idx] = replace(rec, resumed_at=time.time())
+                    self._event("recovery.done", worker_id=rec.worker_id, seconds=time.time() - rec.lost_at)
+            if p.state == "done":
+                self.state[sid] = "done"
+                self.assigned.pop(sid, None)
+                w.streams.discard(sid)
+                self._event("stream.done", stream_id=sid, chunk_index=p.next_chunk - 1)
+
+    def _handle_stops(self) -> None:
+        stops = pending_stops(self.run.out_dir)
+        if stops is not None and not stops:
+            return
+        targets = [s for s in self.entries if (stops is None or s in stops) and self.state[s] not in FINAL_STATES]
+        by_worker: dict[str, list[str]] = {}
+        for sid in targets:
+            wid = self.assigned.get(sid)
+            if wid is None:
+                self._mark_manifest(sid, "stopped")
+                self.state[sid] = "stopped"
+            else:
+                by_worker.setdefault(wid, []).append(sid)
+        for wid, sids in by_worker.items():
+            w = self.workers[wid]
+            try:
+                ray.get(w.handle.release.remote(sids, "stopped"), timeout=CALL_TIMEOUT_S)
+            except (RayActorError, GetTimeoutError) as e:
+                self._lost(w, f"release failed: {type(e).__name__}")
+                for sid in sids:  # their checkpoints are whatever was last written
+                    self._mark_manifest(sid, "stopped")
+                    self.state[sid] = "stopped"
+                continue
+            for sid in sids:
+                w.streams.discard(sid)
+                self.assigned.pop(sid, None)
+                self.state[sid] = "stopped"
+        for sid in targets:
+            self._awaiting.pop(sid, None)
+            self._event("stream.stopped", stream_id=sid)
+        clear_stops(self.run.out_dir, None if stops is None else sorted(stops))
+
+    def _mark_manifest(self, sid: str, state: str) -> None:
+        m = self.run.manifest(sid)
+        if m is not None:
+            m["state"] = state
+            write_json_atomic(self.run.stream_dir(sid) / "manifest.json", m)
+
+    def _all_final(self) -> bool:
+        return all(st in FINAL_STATES for st in self.state.values())
+
+    def _finish(self) -> None:
+        self.run.state = "done" if all(st == "done" for st in self.state.values()) else "stopped"
+        self.run.save()
+        for w in self.workers.values():
+            with contextlib.suppress(Exception):
+                ray.get(w.handle.shutdown.remote(), timeout=30)
+            with contextlib.suppress(Exception):
+                ray.kill(w.handle, no_restart=True)
+        self.workers.clear()
+        self._event("run.finished", state=self.run.state, chunks=self.chunks)
+        self.finished = True
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=8)
+class Orchestrator(OrchestratorImpl):
+    """Detached, named actor; create with :func:`start_orchestrator`."""
+
+
+def start_orchestrator(out_dir: str):
+    """Get this output directory's Orchestrator actor, creating it (detached, restartable) if absent."""
+    return Orchestrator.options(
+        name=actor_name(out_dir), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(str(Path(out_dir).resolve()))

@@ -1,0 +1,92 @@
+"""Driving a run from the command line: connect to Ray, start/attach the Orchestrator, show progress."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import ray
+import structlog
+from ray.exceptions import GetTimeoutError, RayActorError
+from tqdm import tqdm
+
+from orchestrator.actor import start_orchestrator
+from orchestrator.registry import NAMESPACE, RunSpec, request_stop
+from workers.messages import RunProgress
+
+log = structlog.get_logger(__name__)
+
+ORCHESTRATOR_GONE_S = 180.0  # how long the driver waits for a restarting orchestrator
+
+
+def connect(address: str | None, run: RunSpec, verbose: bool = False) -> None:
+    """Join the Ray cluster at ``address``, or start an embedded local one sized for the run."""
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("LONGROLL_")}}
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=verbose, runtime_env=env)
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(run.workers * run.worker_cpus))
+        ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=verbose,
+                 runtime_env=env)
+
+
+def _get_progress(orch) -> RunProgress | None:
+    try:
+        return ray.get(orch.progress.remote(), timeout=30)
+    except (RayActorError, GetTimeoutError):
+        return None  # restarting: Ray re-runs its constructor, which rebuilds the run from DIR
+
+
+def drive(run: RunSpec, quiet: bool = False) -> int:
+    """Run the Orchestrator of ``run.out_dir`` to the end with a live progress display. Returns the exit code."""
+    orch = start_orchestrator(run.out_dir)
+    targets = [e.target_chunks for e in run.streams]
+    total = None if any(t is None for t in targets) else sum(targets)
+    bar = tqdm(total=total, unit="chunk", desc="longroll", disable=quiet or not sys.stderr.isatty(),
+               dynamic_ncols=True)
+    t0, last_seen, p = time.monotonic(), time.monotonic(), None
+    try:
+        while True:
+            q = _get_progress(orch)
+            if q is None:
+                if time.monotonic() - last_seen > ORCHESTRATOR_GONE_S:
+                    raise RuntimeError("the orchestrator did not come back")
+                time.sleep(1.0)
+                continue
+            p, last_seen = q, time.monotonic()
+            done = sum(s.next_chunk for s in p.streams)
+            bar.n = done
+            states = [s.state for s in p.streams]
+            bar.set_postfix(
+                running=states.count("running"), done=states.count("done"), workers=len(p.workers),
+                fps=f"{p.frames / max(time.time() - p.started_at, 1e-9):.1f}", refresh=False,
+            )
+            bar.refresh()
+            if p.state in ("done", "stopped"):
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        bar.close()
+        print("stopping: checkpointing every stream...", file=sys.stderr)
+        request_stop(run.out_dir, None)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            q = _get_progress(orch)
+            if q is not None and q.state in ("done", "stopped"):
+                break
+            time.sleep(0.5)
+        ray.kill(orch, no_restart=True)
+        print(f"error: interrupted; continue with `longroll resume --out {run.out_dir}`", file=sys.stderr)
+        return 1
+    bar.close()
+    ray.kill(orch, no_restart=True)
+    elapsed = time.monotonic() - t0
+    frames = p.frames
+    print(
+        f"{p.state}: {len(p.streams)} streams, {sum(s.next_chunk for s in p.streams)} chunks, "
+        f"{frames} frames generated in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s), "
+        f"{len(p.recoveries)} recoveries; output in {run.out_dir}"
+    )
+    return 0

@@ -1,0 +1,110 @@
+"""Typed messages between the Orchestrator actor and GeneratorWorker actors (no raw dicts cross actors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workers.types import StreamSpec
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a GeneratorWorker needs to build its generator and its sinks (constructor argument)."""
+
+    out_dir: str  # run directory: streams/<id>/{manifest.json,segments/}
+    model: dict  # ModelConfig.to_dict()
+    checkpoint_every: int = 8  # checkpoint after every K chunks (K is a multiple of segment_chunks)
+    segment_chunks: int = 8  # chunks per mp4 segment
+    keep_checkpoints: int = 3  # newest checkpoints kept per stream
+    keep_segments: int | None = None  # newest segments kept per stream (None: all)
+    upscale: int = 4  # nearest-neighbour upscale of written frames
+    crf: int = 0  # x264 CRF; 0 = lossless, so a regenerated segment decodes to the same frames
+    checkpoint_uri: str | None = None  # pyarrow.fs URI or path of the checkpoint root (default out_dir/streams)
+    memory_uri: str | None = None  # LanceDB URI of the memory store (None: chunks are not stored)
+    threads: int = 1  # torch CPU threads of the worker
+    stub: bool = False  # benchmarks: fake chunks, no model, no files
+    log_format: str = "json"
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class StreamAssignment:
+    """Take over a stream: load its newest valid checkpoint (or start it at chunk 0) and step it."""
+
+    spec: StreamSpec
+    target_chunks: int | None  # None: infinite, runs until stopped
+
+
+@dataclass(frozen=True)
+class Assigned:
+    stream_id: str
+    start_chunk: int  # first chunk this worker generates (= the checkpoint it loaded, or 0)
+    checkpoint: int | None  # chunk of the loaded checkpoint, None when started fresh
+    skipped: tuple[str, ...] = ()  # invalid newer checkpoints that were passed over, with reasons
+
+
+@dataclass(frozen=True)
+class StreamProgress:
+    stream_id: str
+    next_chunk: int  # chunks generated so far (in this worker's memory; durable up to last_checkpoint)
+    chunks_done: int  # chunks in closed segments (durable output)
+    last_checkpoint: int | None
+    state: str  # running | done | stopped | released
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """Result of one batched step: every held stream advanced by one chunk (finished ones are dropped)."""
+
+    worker_id: str
+    streams: tuple[StreamProgress, ...]
+    chunks: int  # chunks generated in this step
+    frames: int  # video frames generated in this step
+    seconds: float  # wall time of the step inside the worker
+    checkpoints: int = 0  # checkpoints written in this step
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    pid: int
+    node_id: str
+    device: str
+    stream_ids: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    stream_id: str
+    state: str  # pending | running | done | stopped
+    next_chunk: int
+    target_chunks: int | None
+    worker_id: str | None
+    last_checkpoint: int | None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A worker that died or whose node was lost, and when each of its streams produced again."""
+
+    worker_id: str
+    node_id: str
+    reason: str
+    lost_at: float  # time.time() when the orchestrator noticed
+    streams: tuple[str, ...]
+    resumed_at: float | None  # when the last of those streams produced its first chunk again
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """Snapshot of a run, from the Orchestrator actor to the CLI."""
+
+    state: str  # starting | running | done | stopped
+    streams: tuple[StreamStatus, ...]
+    workers: tuple[WorkerInfo, ...]
+    chunks: int  # chunks generated since this orchestrator (re)started
+    frames: int
+    started_at: float
+    control_seconds: float  # time the orchestrator spent outside waits (its overhead)
+    recoveries: tuple[Recovery, ...] = ()
+    error: str | None = None

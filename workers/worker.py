@@ -1,0 +1,231 @@
+"""``GeneratorWorker``: the Ray actor that hosts one Generator and steps several streams batched.
+
+The worker keeps no state that matters across its own death: everything it needs to continue a
+stream is in the stream's newest checkpoint, and everything it writes is keyed by (stream_id,
+chunk_index) (segment files by chunk range, memory-store rows by primary key, checkpoints by chunk),
+so regenerating a chunk replaces rather than duplicates. The orchestrator decides what reruns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import structlog
+import torch
+
+from workers.checkpoints import CheckpointStore
+from workers.config import ModelConfig
+from workers.messages import Assigned, StepReport, StreamAssignment, StreamProgress, WorkerInfo, WorkerSettings
+from workers.output import StreamOutput
+from workers.state import StreamState
+from workers.types import Chunk
+
+log = structlog.get_logger(__name__)
+
+EMBEDDING_DIM = 64
+
+
+def configure_worker_logging(fmt: str, level: str) -> None:
+    """structlog JSON lines on stderr (Ray forwards them to the driver and the worker log files)."""
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+class StubGenerator:
+    """Benchmarks of the control plane: chunks of 1 tiny frame, no model."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg, self.config_hash = cfg, cfg.config_hash()
+
+    def new_stream(self, spec) -> StreamState:
+        return StreamState(spec, self.config_hash, torch.zeros(1), cache=None, frames_per_chunk=1)
+
+    def step(self, states) -> list[Chunk]:
+        out = []
+        for s in states:
+            out.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk, torch.zeros(1), torch.zeros(1, 2, 2, 3)))
+            s.next_chunk += 1
+        return out
+
+
+@dataclass
+class _Held:
+    assignment: StreamAssignment
+    state: StreamState
+    output: StreamOutput | None
+    checkpoints: CheckpointStore | None
+    last_checkpoint: int | None
+
+
+class GeneratorWorkerImpl:
+    """The actor's body (plain class so tests and benchmarks can also run it in-process)."""
+
+    def __init__(self, worker_id: str, settings: WorkerSettings):
+        configure_worker_logging(settings.log_format, settings.log_level)
+        torch.set_num_threads(settings.threads)
+        self.worker_id, self.s = worker_id, settings
+        self.cfg = ModelConfig.from_dict(settings.model)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if settings.stub:
+            self.gen = StubGenerator(self.cfg)
+        else:
+            from workers.generator import Generator
+
+            self.gen = Generator(self.cfg, device=self.device)
+        self.streams: dict[str, _Held] = {}
+        self.memory = None
+        if settings.memory_uri and not settings.stub:
+            from memory_store import MemoryStoreConfig, MemoryWriter, PooledProjectionEmbedder
+
+            self.memory = MemoryWriter(MemoryStoreConfig(uri=settings.memory_uri, embedding_dim=EMBEDDING_DIM))
+            self.embedder = PooledProjectionEmbedder(self.cfg.latent_channels, dim=EMBEDDING_DIM, seed=0)
+        self.ckpt_root = settings.checkpoint_uri or str(Path(settings.out_dir) / "streams")
+        log.info("worker.start", worker_id=worker_id, pid=os.getpid(), device=self.device)
+
+    # ---- queries -----------------------------------------------------------------------------
+    def info(self) -> WorkerInfo:
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return WorkerInfo(self.worker_id, os.getpid(), node_id, self.device, tuple(self.streams))
+
+    def _progress(self, h: _Held, state: str = "running") -> StreamProgress:
+        done = h.output.chunks_done if h.output is not None else h.state.next_chunk
+        return StreamProgress(h.state.stream_id, h.state.next_chunk, done, h.last_checkpoint, state)
+
+    # ---- streams -----------------------------------------------------------------------------
+    def assign(self, a: StreamAssignment) -> Assigned:
+        """Load the stream from its newest valid checkpoint (or start it fresh) and hold it."""
+        sid = a.spec.stream_id
+        bound = log.bind(stream_id=sid, worker_id=self.worker_id)
+        if sid in self.streams:
+            h = self.streams[sid]
+            return Assigned(sid, h.state.next_chunk, h.last_checkpoint)
+        if self.s.stub:
+            self.streams[sid] = _Held(a, self.gen.new_stream(a.spec), None, None, None)
+            return Assigned(sid, 0, None)
+        store = CheckpointStore(self.ckpt_root, sid, keep=self.s.keep_checkpoints)
+        loaded, skipped = store.load_latest(self.device)
+        if loaded is not None:
+            state, ckpt = loaded.state, loaded.chunk
+            if state.spec != a.spec:
+                raise ValueError(f"{sid}: checkpoint spec {state.spec} differs from the run's {a.spec}")
+            self.gen.check_state(state)
+        else:
+            state, ckpt = self.gen.new_stream(a.spec), None
+        out = StreamOutput(
+            Path(self.s.out_dir) / "streams" / sid,
+            sid,
+            self.cfg.fps,
+            self.s.segment_chunks,
+            a.target_chunks,
+            self.s.keep_segments,
+            self.s.upscale,
+            self.s.crf,
+        )
+        out.start_at(state.next_chunk)
+        h = _Held(a, state, out, store, ckpt)
+        self.streams[sid] = h
+        out.write_manifest("running", ckpt, {"worker": self.worker_id})
+        bound.info("stream.assigned", chunk_index=state.next_chunk, checkpoint=ckpt, skipped=list(skipped))
+        return Assigned(sid, state.next_chunk, ckpt, skipped)
+
+    def _checkpoint(self, h: _Held) -> None:
+        extra = {}
+        if self.memory is not None:
+            self.memory.flush()
+            extra["memory_table_version"] = self.memory.table_version(h.state.stream_id)
+        h.last_checkpoint = h.checkpoints.save(h.state, extra)
+        log.info("checkpoint.saved", stream_id=h.state.stream_id, chunk_index=h.last_checkpoint, **extra)
+
+    def release(self, stream_ids: list[str], state: str = "released") -> list[StreamProgress]:
+        """Checkpoint and drop streams (on stop, or to move them to another worker)."""
+        out = []
+        for sid in stream_ids:
+            h = self.streams.pop(sid, None)
+            if h is None:
+                continue
+            if h.output is not None:
+                h.output.close_segment()
+                if h.last_checkpoint != h.state.next_chunk:
+                    self._checkpoint(h)
+                h.output.write_manifest(state if state != "released" else "pending", h.last_checkpoint)
+            log.info("stream.released", stream_id=sid, chunk_index=h.state.next_chunk, state=state)
+            out.append(self._progress(h, state))
+        return out
+
+    def step(self) -> StepReport:
+        """One batched chunk for every held stream; commit segments, memory rows and checkpoints."""
+        t0 = time.perf_counter()
+        held = list(self.streams.values())
+        if not held:
+            return StepReport(self.worker_id, (), 0, 0, 0.0)
+        chunks = self.gen.step([h.state for h in held])
+        progress, frames, n_ckpt = [], 0, 0
+        for h, chunk in zip(held, chunks):
+            frames += chunk.num_frames
+            end = chunk.chunk_index + 1
+            finished = end == h.assignment.target_chunks
+            if self.memory is not None:
+                self._store_chunk(chunk)
+            if h.output is not None:
+                closed = h.output.write(chunk)
+                if closed and (end % self.s.checkpoint_every == 0 or finished):
+                    self._checkpoint(h)
+                    n_ckpt += 1
+                    h.output.write_manifest(
+                        "done" if finished else "running", h.last_checkpoint, {"worker": self.worker_id}
+                    )
+                elif closed:
+                    h.output.write_manifest("running", h.last_checkpoint, {"worker": self.worker_id})
+            if finished:
+                del self.streams[chunk.stream_id]
+                log.info("stream.done", stream_id=chunk.stream_id, chunk_index=chunk.chunk_index)
+            progress.append(self._progress(h, "done" if finished else "running"))
+        return StepReport(self.worker_id, tuple(progress), len(chunks), frames, time.perf_counter() - t0, n_ckpt)
+
+    def _store_chunk(self, chunk: Chunk) -> None:
+        from memory_store import ChunkRecord
+
+        self.memory.put(
+            ChunkRecord(
+                stream_id=chunk.stream_id,
+                chunk_index=chunk.chunk_index,
+                first_frame=chunk.first_frame,
+                num_frames=int(chunk.latents.shape[0]),
+                embedding=self.embedder.embed(chunk.latents),
+                latents=chunk.latents,
+                model_hash=self.gen.config_hash,
+            )
+        )
+
+    def shutdown(self) -> None:
+        for h in self.streams.values():
+            if h.output is not None:
+                h.output.abort()
+        if self.memory is not None:
+            self.memory.close()
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class GeneratorWorker(GeneratorWorkerImpl):
+    """Ray actor. Create with ``GeneratorWorker.options(num_gpus=1 or num_cpus=...)``.
+
+    ``max_restarts=0``: a dead worker stays dead; the orchestrator creates a replacement and reloads
+    the worker's streams from their checkpoints (a restarted actor would come back empty anyway).
+    """
