@@ -228,27 +228,65 @@ class LatentKVCache:
         else:
             self.scale[layer][slot_t] = scale[:, 0, :]
 
+    def export_slots(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw stored rows (and fp8 scales) of whole slot frames, every layer: a copy to re-import later.
+
+        Returns:
+            rows: [L, len(slots), T_f, width] in the storage dtype; scale: [L, len(slots), T_f or 1, 2] or None.
+        """
+        lay = self.layout
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        # (L, N, W) -> (L, slot_frames, T_f, W)
+        rows = self.data.view(lay.num_layers, lay.slot_frames, lay.tokens_per_frame, lay.width)[:, idx].clone()
+        scale = None
+        if self.scale is not None:
+            per = lay.tokens_per_frame if lay.fp8_scale == "token" else 1
+            scale = self.scale.view(lay.num_layers, lay.slot_frames, per, 2)[:, idx].clone()
+        return rows, scale
+
+    def import_slots(self, slots: list[int], rows: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Write back what :meth:`export_slots` returned, into (possibly other) slots."""
+        lay = self.layout
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self.data.view(lay.num_layers, lay.slot_frames, lay.tokens_per_frame, lay.width)[:, idx] = rows
+        if self.scale is not None:
+            per = lay.tokens_per_frame if lay.fp8_scale == "token" else 1
+            self.scale.view(lay.num_layers, lay.slot_frames, per, 2)[:, idx] = scale
+
     def valid_slots(self) -> torch.Tensor:
         """Slot frames holding data, in slot order: [n] int64."""
         return torch.nonzero(self.frame_index >= 0).flatten()
 
+    def slots_of(self, kind: str) -> torch.Tensor:
+        """Valid slot frames of one kind ("sink", "memory" or "local"), in slot order."""
+        return torch.tensor([s for s in self.valid_slots().tolist() if self.slot_kind(s) == kind], dtype=torch.int64)
+
+    def _token_index(self, slots: torch.Tensor) -> torch.Tensor:
+        t_f = self.layout.tokens_per_frame
+        # (n, 1) * T + (1, T) -> (n*T,)
+        return (slots[:, None] * t_f + torch.arange(t_f)[None, :]).flatten().to(self.device)
+
     def _gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._gather is None:
             slots = self.valid_slots()
-            t_f = self.layout.tokens_per_frame
-            # (n, 1) * T + (1, T) -> (n*T,)
-            tok = (slots[:, None] * t_f + torch.arange(t_f)[None, :]).flatten()
-            self._gather = (slots, tok.to(self.device))
+            self._gather = (slots, self._token_index(slots))
         return self._gather
 
-    def read(self, layer: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the valid slots of one layer, dequantized.
+    def read(
+        self, layer: int, dtype: torch.dtype = torch.float32, slots: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the valid slots (or of the given slots) of one layer, dequantized.
 
+        Args:
+            slots: optional [n] int64 slot frames to read instead of every valid one.
         Returns:
-            rows: [n_valid * tokens_per_frame, width] in ``dtype``, slot order;
-            slots: [n_valid] int64 slot frames they come from.
+            rows: [n * tokens_per_frame, width] in ``dtype``, in slot order;
+            slots: [n] int64 slot frames they come from.
         """
-        slots, tok = self._gather_index()
+        if slots is None:
+            slots, tok = self._gather_index()
+        else:
+            tok = self._token_index(slots)
         rows = self.data[layer].index_select(0, tok)
         if self.layout.dtype != "fp8":
             return rows.to(dtype), slots

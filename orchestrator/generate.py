@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -12,8 +13,10 @@ import structlog
 import torch
 from tqdm import tqdm
 
+from memory_store.db import connect, list_streams
 from orchestrator.cli_common import UsageError, add_model_options, build_config
 from workers.generator import Generator
+from workers.memory import MemoryLink, default_embedder
 from workers.types import StreamSpec
 from workers.video import Mp4Writer
 
@@ -42,6 +45,11 @@ def register(sub) -> None:
     add_model_options(g)
     g.add_argument("--frames", type=int, required=True, help="number of frames to generate")
     g.add_argument("--out", required=True, help="output .mp4 file")
+    g.add_argument(
+        "--memory-uri",
+        default=None,
+        help="LanceDB database for --memory retrieval (default: OUT's name with .memory beside it)",
+    )
     g.add_argument("--seed", type=int, default=0, help="stream seed: chunk i's noise depends on (seed, i)")
     g.add_argument("--prompt", default="", help="hashed into the stream's conditioning vector")
     g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscale of the written video")
@@ -64,36 +72,61 @@ def run(args) -> int:
     return 0
 
 
+def open_generate_memory(uri: str | None, out: Path, cfg) -> MemoryLink:
+    """The database of a one-off `generate` run: a fresh one beside the video unless a URI is given.
+
+    The stream is always called "generate", so an explicit database that already holds it is refused
+    (its history belongs to another rollout); the default one is ours and is recreated.
+    """
+    if uri is None:
+        default = out.with_suffix(".memory")
+        if default.exists():
+            shutil.rmtree(default)
+        uri = str(default)
+    link = MemoryLink(uri, cfg)
+    if "generate" in list_streams(connect(link.config)):
+        link.close()
+        raise UsageError(f"memory database {uri} already holds a 'generate' stream; pass a fresh --memory-uri")
+    return link
+
+
 def run_generate(args) -> dict:
     if args.frames <= 0:
         raise UsageError(f"--frames must be > 0, got {args.frames}")
     out = check_output_path(args.out)
     cfg = build_config(args)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    if cfg.memory != "window":
-        raise UsageError(f"--memory {cfg.memory} is not wired into `generate` yet; use --memory window")
+    if cfg.memory == "sparse":
+        raise UsageError("--memory sparse is not wired into the generator yet; use window or retrieval")
     if not cfg.can_decode:
         raise UsageError(f"preset {cfg.name!r} has no VAE decoder here; it is for `longroll plan` and GPU benchmarks")
-    gen = Generator(cfg)
+    link = None
+    if cfg.memory == "retrieval":
+        link = open_generate_memory(args.memory_uri, out, cfg)
+        gen = Generator(cfg, memory=link.retriever, embedder=default_embedder(cfg))
+    else:
+        gen = Generator(cfg)
     state = gen.new_stream(StreamSpec("generate", seed=args.seed, prompt=args.prompt))
     log.info("generate.start", preset=cfg.name, attention=cfg.attention, frames=args.frames, out=str(out))
     t0 = time.perf_counter()
-    with (
-        Mp4Writer(out, fps=cfg.fps, upscale=args.upscale) as writer,
-        tqdm(
-            total=args.frames,
-            unit="frame",
-            desc="generate",
-            disable=args.quiet or not sys.stderr.isatty(),
-            dynamic_ncols=True,
-        ) as bar,
-    ):
-        while writer.frames_written < args.frames:
-            (chunk,) = gen.step([state])
-            frames = chunk.frames[: args.frames - writer.frames_written]
-            writer.write(frames)
-            bar.update(len(frames))
-            bar.set_postfix(fps=f"{writer.frames_written / (time.perf_counter() - t0):.1f}")
+    try:
+        with (
+            Mp4Writer(out, fps=cfg.fps, upscale=args.upscale) as writer,
+            tqdm(
+                total=args.frames, unit="frame", desc="generate", disable=args.quiet or not sys.stderr.isatty()
+            ) as bar,
+        ):
+            while writer.frames_written < args.frames:
+                (chunk,) = gen.step([state])
+                if link is not None:
+                    link.publish(chunk)
+                frames = chunk.frames[: args.frames - writer.frames_written]
+                writer.write(frames)
+                bar.update(len(frames))
+                bar.set_postfix(fps=f"{writer.frames_written / (time.perf_counter() - t0):.1f}")
+    finally:
+        if link is not None:
+            link.close()
     seconds = time.perf_counter() - t0
     return {
         "out": str(out),
@@ -103,4 +136,6 @@ def run_generate(args) -> dict:
         "cache_bytes": state.cache.nbytes(),
         "cache_bytes_per_token": cfg.cache_layout().bytes_per_token(),
         "attention": cfg.attention,
+        "memory": cfg.memory,
+        "memory_uri": link.config.uri if link is not None else None,
     }

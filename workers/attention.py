@@ -30,6 +30,7 @@ class StreamContext:
     q_cos: torch.Tensor  # [S, rope/2] the chunk's queries
     q_sin: torch.Tensor
     plan: AppendPlan | None = None  # set on the re-cache pass
+    slots: torch.Tensor | None = None  # slot frames to attend to; None = every valid slot
 
 
 class MHAttention(nn.Module):
@@ -50,7 +51,7 @@ class MHAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         outs = []
         for i, ctx in enumerate(ctxs):
-            rows, _ = ctx.cache.read(layer, x.dtype)  # (S_ctx, 2*H*D)
+            rows, _ = ctx.cache.read(layer, x.dtype, ctx.slots)  # (S_ctx, 2*H*D)
             # (S_ctx, 2*H*D) -> (S_ctx, 2, H, D)
             rows = rows.reshape(-1, 2, self.heads, self.head_dim)
             k_all = torch.cat([rows[:, 0], k[i]], dim=0)  # (S_ctx + S, H, D)
@@ -98,7 +99,7 @@ class MLAttention(nn.Module):
             q_lat = torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk)
         outs = []
         for i, ctx in enumerate(ctxs):
-            rows, _ = ctx.cache.read(layer, x.dtype)  # (S_ctx, d_c + d_r)
+            rows, _ = ctx.cache.read(layer, x.dtype, ctx.slots)  # (S_ctx, d_c + d_r)
             c_all = torch.cat([rows[:, : self.d_c], ckv[i]], dim=0)  # (S_ctx + S, d_c)
             r_all = torch.cat([rows[:, self.d_c :], k_rope[i]], dim=0)  # (S_ctx + S, d_r)
             r_rot = apply_rope(r_all, ctx.k_cos, ctx.k_sin)

@@ -41,7 +41,9 @@ class ModelConfig:
     # -- cache and memory ----------------------------------------------------------------------
     sink_frames: int = 1  # first frames kept forever (frame sink)
     window_frames: int = 6  # local window ring (latent frames)
-    memory_frames: int = 3  # slots for retrieved frames (used by memory="retrieval"/"sparse")
+    memory_frames: int = 6  # slots for retrieved frames (memory="retrieval"/"sparse"); whole chunks
+    memory_exclude_recent: int = 1  # retrieval: LongLive-RAG's R, most recently evicted chunks left out
+    embedding_dim: int = 64  # retrieval: floats per chunk embedding in the memory store
     memory: MemoryMode = "window"  # how far-back history enters the context
     position: Literal["absolute", "relative"] = "relative"  # temporal id policy
     max_temporal_id: int = 20  # relative policy: cap on the newest frame's temporal id
@@ -92,8 +94,12 @@ class ModelConfig:
             raise ValueError("the fp8 cache stores the MLA latent: use attention='mla'")
         if self.window_frames < self.frames_per_chunk:
             raise ValueError(f"{self.window_frames=} must hold one chunk ({self.frames_per_chunk=})")
-        if self.sink_frames < 0 or self.memory_frames < 0:
-            raise ValueError(f"{self.sink_frames=} and {self.memory_frames=} must be >= 0")
+        if self.sink_frames < 0 or self.memory_frames < 0 or self.memory_exclude_recent < 0:
+            raise ValueError(f"{self.sink_frames=}, {self.memory_frames=}, {self.memory_exclude_recent=} must be >= 0")
+        if self.memory == "retrieval" and (self.memory_frames < 1 or self.memory_frames % self.frames_per_chunk):
+            raise ValueError(
+                f"retrieval needs {self.memory_frames=} to be a positive multiple of {self.frames_per_chunk=}"
+            )
         span = self.sink_frames + self.window_frames + self.frames_per_chunk - 1
         if self.position == "relative" and self.max_temporal_id < span:
             raise ValueError(f"{self.max_temporal_id=} must be >= sink + window + chunk - 1 = {span}")
@@ -113,6 +119,16 @@ class ModelConfig:
     @property
     def rope_width(self) -> int:
         return self.rope_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def retrieval_k(self) -> int:
+        """Chunks retrieved per step: as many as the memory slots hold."""
+        return self.memory_frames // self.frames_per_chunk
+
+    @property
+    def window_chunks(self) -> int:
+        """Whole chunks the local window holds."""
+        return self.window_frames // self.frames_per_chunk
 
     @property
     def can_decode(self) -> bool:

@@ -11,12 +11,17 @@ With no trained weights yet, the model is a seeded random initialisation (``Mode
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any, Protocol
 
+import numpy as np
+import structlog
 import torch
 from safetensors.torch import load_file
 
-from ops.latent_cache import LatentKVCache
+from ops.latent_cache import AppendPlan, LatentKVCache
 from ops.rope import Rope3D
 from workers.attention import StreamContext
 from workers.config import ModelConfig
@@ -26,6 +31,19 @@ from workers.state import StreamState
 from workers.types import Chunk, StreamSpec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = structlog.get_logger(__name__)
+
+
+class MemorySearch(Protocol):
+    """What the generator needs from the memory store (``memory_store.retriever.Retriever`` fits)."""
+
+    def search(self, stream_id: str, query: np.ndarray, k: int, *, before_chunk: int, exclude_recent: int) -> list: ...
+
+    def prefetch(self, stream_id: str, query: np.ndarray, k: int, **kwargs) -> Future: ...
+
+
+class ChunkEmbedder(Protocol):
+    def embed(self, latents: torch.Tensor) -> np.ndarray: ...
 
 
 def cond_vector(prompt: str, dim: int) -> torch.Tensor:
@@ -41,8 +59,32 @@ class Generator:
         device: torch.device | str = "cpu",
         weights: str | None = None,
         mla_form: str = "absorbed",
+        memory: MemorySearch | None = None,
+        embedder: ChunkEmbedder | None = None,
     ):
+        """
+        Args:
+            cfg: model and rollout config.
+            device: where the model and caches live.
+            weights: optional safetensors file of model weights (else the seeded random init).
+            mla_form: "absorbed" or "upprojected" MLA attention (same results).
+            memory: the retrieval source, required for ``cfg.memory == "retrieval"``.
+            embedder: computes each chunk's retrieval embedding (``Chunk.embedding``); required
+                with ``memory``.
+        Raises:
+            ValueError: retrieval without a memory source or embedder.
+        """
+        if cfg.memory == "retrieval" and (memory is None or embedder is None):
+            raise ValueError("memory='retrieval' needs a memory source and an embedder")
+        if cfg.memory == "sparse":
+            raise ValueError("memory='sparse' is not available in the generator yet")
         self.cfg = cfg
+        self.memory = memory if cfg.memory == "retrieval" else None
+        self.embedder = embedder
+        self._prefetched: dict[tuple[str, int], Future] = {}
+        # per stream: chunk index -> its encoded memory rows (see _refresh_memory)
+        self._memory_rows: dict[str, OrderedDict[int, tuple]] = {}
+        self.memory_row_cache = 4 * cfg.retrieval_k  # chunks of encoded rows kept per stream
         self.device = torch.device(device)
         self.dtype = _DTYPES[cfg.dtype]
         with torch.random.fork_rng(devices=[]):
@@ -68,6 +110,12 @@ class Generator:
             frames_per_chunk=self.cfg.frames_per_chunk,
         )
 
+    def forget(self, stream_id: str) -> None:
+        """Drop per-stream caches (encoded memory rows, pending prefetches) of a stream that left."""
+        self._memory_rows.pop(stream_id, None)
+        for key in [k for k in self._prefetched if k[0] == stream_id]:
+            self._prefetched.pop(key).cancel()
+
     def check_state(self, state: StreamState) -> None:
         if state.config_hash != self.config_hash:
             raise ValueError(
@@ -86,20 +134,90 @@ class Generator:
         ).reshape(n_f * t_f, -1)
         return torch.cos(ang).to(self.device, self.dtype), torch.sin(ang).to(self.device, self.dtype)
 
-    def _context(self, state: StreamState) -> StreamContext:
-        cfg, cache = self.cfg, state.cache
-        first = state.next_chunk * cfg.frames_per_chunk
-        chunk_frames = torch.arange(first, first + cfg.frames_per_chunk)
-        newest = first + cfg.frames_per_chunk - 1
-        slots = cache.valid_slots()
+    def _context(
+        self, state: StreamState, q_frames: torch.Tensor, q_kind: str = "local", slots: torch.Tensor | None = None
+    ) -> StreamContext:
+        """Rotary tables for queries of frames ``q_frames`` over the cache slots ``slots`` (default: all valid)."""
+        cache = state.cache
+        newest = int(q_frames.max())
+        slots = cache.valid_slots() if slots is None else slots
         ids = [
             self.policy.temporal_ids(cache.frame_index[s : s + 1], cache.slot_kind(int(s)), newest)
             for s in slots.tolist()
         ]
-        chunk_ids = self.policy.temporal_ids(chunk_frames, "local", newest)
-        k_cos, k_sin = self._cos_sin(torch.cat([*ids, chunk_ids]))
-        n_ctx = len(ids) * cfg.tokens_per_frame
-        return StreamContext(cache, k_cos, k_sin, k_cos[n_ctx:], k_sin[n_ctx:])
+        q_ids = self.policy.temporal_ids(q_frames, q_kind, newest)
+        k_cos, k_sin = self._cos_sin(torch.cat([*ids, q_ids]))
+        n_ctx = len(ids) * self.cfg.tokens_per_frame
+        return StreamContext(cache, k_cos, k_sin, k_cos[n_ctx:], k_sin[n_ctx:], slots=slots)
+
+    def _chunk_frames(self, state: StreamState) -> torch.Tensor:
+        first = state.next_chunk * self.cfg.frames_per_chunk
+        return torch.arange(first, first + self.cfg.frames_per_chunk)
+
+    # ---- retrieval memory --------------------------------------------------------------------
+    def _search_kwargs(self, next_chunk: int) -> dict[str, Any]:
+        # candidates: chunks wholly evicted from the window, minus the R most recently evicted
+        return dict(before_chunk=next_chunk - self.cfg.window_chunks, exclude_recent=self.cfg.memory_exclude_recent)
+
+    def _retrieve(self, state: StreamState) -> list:
+        key = (state.stream_id, state.next_chunk)
+        fut = self._prefetched.pop(key, None)
+        if fut is not None:
+            return fut.result()
+        query = state.memory_query.cpu().numpy()
+        return self.memory.search(state.stream_id, query, self.cfg.retrieval_k, **self._search_kwargs(state.next_chunk))
+
+    def _prefetch(self, state: StreamState) -> None:
+        """Start the next chunk's retrieval now, so it overlaps with the caller's writes."""
+        if not hasattr(self.memory, "prefetch"):
+            return
+        key = (state.stream_id, state.next_chunk)
+        if len(self._prefetched) > 4096:  # streams that left this generator: drop stale futures
+            self._prefetched.clear()
+        self._prefetched[key] = self.memory.prefetch(
+            state.stream_id,
+            state.memory_query.cpu().numpy(),
+            self.cfg.retrieval_k,
+            **self._search_kwargs(state.next_chunk),
+        )
+
+    def _refresh_memory(self, state: StreamState) -> None:
+        """Fill the memory slots with the retrieved chunks (LongLive-RAG).
+
+        Each retrieved chunk passes through the model at sigma=0 with the sink as context, so its rows
+        are a function of (its latents, the stream's sink, the stream vector) only: they are computed
+        once and kept in a small per-stream LRU while the chunk keeps being retrieved. Rows sit at the
+        sink's temporal position, as the position policy says for memory slots.
+        """
+        if state.memory_query is None:
+            return
+        hits = sorted(self._retrieve(state), key=lambda h: h.chunk_index)
+        chosen = tuple(h.chunk_index for h in hits)
+        if chosen == state.memory_chunks or not hits:
+            return
+        frames = [list(range(h.first_frame, h.first_frame + h.num_frames)) for h in hits]
+        slots = state.cache.assign_memory([f for fr in frames for f in fr])
+        lru = self._memory_rows.setdefault(state.stream_id, OrderedDict())
+        sink = state.cache.slots_of("sink")
+        start = 0
+        for hit, fr in zip(hits, frames):
+            own = slots[start : start + len(fr)]
+            start += len(fr)
+            if hit.chunk_index in lru:
+                lru.move_to_end(hit.chunk_index)
+                state.cache.import_slots(own, *lru[hit.chunk_index])
+                continue
+            ctx = self._context(state, torch.tensor(fr), "memory", slots=sink)
+            ctx.plan = AppendPlan(frames=fr, slots=own)
+            lat = hit.latents.to(self.device, self.dtype)[None]  # (1, F, C, H, W)
+            zeros = torch.zeros(1, len(fr), self.cfg.action_dim, device=self.device, dtype=self.dtype)
+            sigma = torch.zeros(1, device=self.device)
+            self.model(lat, sigma, state.cond[None].to(self.dtype), zeros, [ctx], need_output=False)
+            lru[hit.chunk_index] = state.cache.export_slots(own)
+            while len(lru) > self.memory_row_cache:
+                lru.popitem(last=False)
+        state.memory_chunks = chosen
+        log.debug("memory.refresh", stream_id=state.stream_id, chunk_index=state.next_chunk, memory=chosen)
 
     # ---- rollout -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -126,7 +244,10 @@ class Generator:
         if actions is None:
             actions = torch.zeros(b, f, cfg.action_dim)
         actions = actions.to(self.device, self.dtype)
-        ctxs = [self._context(s) for s in states]
+        if self.memory is not None:
+            for s in states:
+                self._refresh_memory(s)
+        ctxs = [self._context(s, self._chunk_frames(s)) for s in states]
 
         for sigma, sigma_next in self._steps:
             sig = torch.full((b,), sigma, device=self.device)
@@ -135,8 +256,7 @@ class Generator:
 
         # re-cache: the clean chunk at sigma = 0 writes its rows into every layer's cache
         for s, ctx in zip(states, ctxs):
-            first = s.next_chunk * f
-            ctx.plan = s.cache.plan_append(list(range(first, first + f)))
+            ctx.plan = s.cache.plan_append(self._chunk_frames(s).tolist())
         self.model(x, torch.zeros(b, device=self.device), cond, actions, ctxs, need_output=False)
 
         chunks = []
@@ -144,8 +264,13 @@ class Generator:
             s.cache.commit(ctx.plan)
             lat = x[i].float().cpu()
             frames = self.decode(lat) if self.can_decode else torch.empty(0, dtype=torch.uint8)
-            chunks.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk * f, lat, frames))
+            emb = self.embedder.embed(lat) if self.embedder is not None else None
+            chunks.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk * f, lat, frames, emb, s.memory_chunks))
             s.next_chunk += 1
+            if emb is not None:
+                s.memory_query = torch.from_numpy(np.asarray(emb, dtype=np.float32).copy())
+            if self.memory is not None:
+                self._prefetch(s)
         return chunks
 
     @property

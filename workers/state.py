@@ -33,6 +33,8 @@ class StreamState:
     cache: LatentKVCache
     next_chunk: int = 0  # index of the chunk the next step generates
     frames_per_chunk: int = 1
+    memory_query: torch.Tensor | None = None  # [E] embedding of the newest chunk: the next retrieval's query
+    memory_chunks: tuple[int, ...] = ()  # chunk indices whose rows fill the memory slots now
 
     @property
     def stream_id(self) -> str:
@@ -45,7 +47,10 @@ class StreamState:
     # ---- serialisation -----------------------------------------------------------------------
     def to_bytes(self) -> tuple[bytes, dict]:
         """(safetensors bytes, JSON-able meta). The meta carries the payload's sha256."""
-        payload = st_save({"cond": self.cond.detach().cpu().contiguous(), **self.cache.state_tensors()})
+        tensors = {"cond": self.cond.detach().cpu().contiguous(), **self.cache.state_tensors()}
+        if self.memory_query is not None:
+            tensors["memory_query"] = self.memory_query.detach().cpu().contiguous()
+        payload = st_save(tensors)
         meta = {
             "format": FORMAT_VERSION,
             "spec": self.spec.to_dict(),
@@ -53,6 +58,7 @@ class StreamState:
             "next_chunk": self.next_chunk,
             "frames_per_chunk": self.frames_per_chunk,
             "cache": self.cache.state_meta(),
+            "memory_chunks": list(self.memory_chunks),
             "sha256": hashlib.sha256(payload).hexdigest(),
         }
         return payload, meta
@@ -72,6 +78,8 @@ class StreamState:
             cache=LatentKVCache.from_state(tensors, meta["cache"], device),
             next_chunk=int(meta["next_chunk"]),
             frames_per_chunk=int(meta["frames_per_chunk"]),
+            memory_query=tensors.get("memory_query"),
+            memory_chunks=tuple(int(c) for c in meta.get("memory_chunks", [])),
         )
 
     def save(self, directory: str | os.PathLike) -> Path:

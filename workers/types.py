@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 STREAM_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -44,6 +45,8 @@ class Chunk:
     first_frame: int  # absolute latent frame index of its first frame
     latents: torch.Tensor  # [F, C, H, W] clean latents (fp32, CPU)
     frames: torch.Tensor  # [F * t_stride, H_px, W_px, 3] uint8 decoded video frames
+    embedding: np.ndarray | None = None  # float32 [E] retrieval embedding (when the generator has an embedder)
+    memory_chunks: tuple[int, ...] = ()  # chunk indices that sat in the memory slots while it was generated
 
     @property
     def num_frames(self) -> int:

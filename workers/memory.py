@@ -1,0 +1,76 @@
+"""The generator's link to the memory store: publish each chunk, and search the stream's history.
+
+``MemoryLink`` owns one :class:`~memory_store.writer.MemoryWriter` (durable, batched, asynchronous)
+and one :class:`~memory_store.retriever.Retriever` (hot tier in this process). A published chunk is
+searchable at once (``observe``) and durable after the writer's next commit.
+"""
+
+from __future__ import annotations
+
+from memory_store.config import MemoryStoreConfig
+from memory_store.embedders import PooledProjectionEmbedder
+from memory_store.retriever import Retriever
+from memory_store.schema import ChunkRecord
+from memory_store.writer import MemoryWriter
+from workers.config import ModelConfig
+from workers.types import Chunk
+
+
+def default_embedder(cfg: ModelConfig) -> PooledProjectionEmbedder:
+    """The deterministic embedder every process of a run uses (same seed, same embeddings)."""
+    return PooledProjectionEmbedder(cfg.latent_channels, dim=cfg.embedding_dim, seed=0)
+
+
+def chunk_record(chunk: Chunk, model_hash: str) -> ChunkRecord:
+    if chunk.embedding is None:
+        raise ValueError(f"{chunk.stream_id}[{chunk.chunk_index}] has no embedding: give the generator an embedder")
+    return ChunkRecord(
+        stream_id=chunk.stream_id,
+        chunk_index=chunk.chunk_index,
+        first_frame=chunk.first_frame,
+        num_frames=int(chunk.latents.shape[0]),
+        embedding=chunk.embedding,
+        latents=chunk.latents,
+        model_hash=model_hash,
+    )
+
+
+class MemoryLink:
+    """Writer + retriever over one database URI.
+
+    Args:
+        uri: LanceDB database URI (a local directory or any URI LanceDB accepts).
+        cfg: the model config (embedding size, preset for the store's batching defaults).
+    """
+
+    def __init__(self, uri: str, cfg: ModelConfig, **store_overrides):
+        self.config = self.store_config(uri, cfg, **store_overrides)
+        self.model_hash = cfg.config_hash()
+        self.writer = MemoryWriter(self.config)
+        self.retriever = Retriever(self.config)
+
+    @staticmethod
+    def store_config(uri: str, cfg: ModelConfig, **overrides) -> MemoryStoreConfig:
+        preset = cfg.name if cfg.name in ("tiny", "wan-1.3b") else "tiny"
+        return MemoryStoreConfig.from_name(preset, uri=uri, embedding_dim=cfg.embedding_dim, **overrides)
+
+    def open_stream(self, stream_id: str, version: int | None = None) -> None:
+        """Warm the hot tier from the store (a resumed stream), pinned to ``version`` when given."""
+        self.retriever.open_stream(stream_id, version=version, create=True)
+
+    def publish(self, chunk: Chunk) -> None:
+        record = chunk_record(chunk, self.model_hash)
+        self.retriever.observe(record)
+        self.writer.put(record)
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.retriever.close()
+
+    def __enter__(self) -> MemoryLink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
