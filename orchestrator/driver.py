@@ -25,7 +25,18 @@ def connect(address: str | None, run: RunSpec, verbose: bool = False) -> None:
     """Join the Ray cluster at ``address``, or start an embedded local one sized for the run."""
     env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("LONGROLL_")}}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=verbose, runtime_env=env)
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=verbose, runtime_env=env)
+        except ConnectionError as e:
+            if os.environ.get("RAY_AUTH_MODE") == "token" or "AuthToken" not in repr(e.__cause__):
+                raise
+            # the cluster uses token authentication (Ray 2.60's default for `ray start`): retry with
+            # the token from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token
+            log.info("ray.token_auth", address=address)
+            from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+            _enable_token_auth()
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=verbose, runtime_env=env)
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(run.workers * run.worker_cpus))
         ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=verbose,
