@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -196,6 +197,17 @@ def _load_sequences(
     return seqs
 
 
+@contextmanager
+def _torch_threads(n: int | None):
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_embedder(
     uri: str,
     stream_ids: Sequence[str],
@@ -212,6 +224,7 @@ def train_embedder(
     lr: float = 1e-3,
     max_chunks_per_stream: int = 4096,
     seed: int = 0,
+    num_threads: int | None = None,
     storage_options: dict[str, str] | None = None,
 ) -> TrainEmbedderResult:
     """Train a :class:`ConvAEEmbedder` on the latents stored for ``stream_ids`` and save it to ``out_dir``.
@@ -226,6 +239,8 @@ def train_embedder(
         out_dir: receives ``embedder.safetensors`` and ``embedder.json``.
         embedding_dim: the store's embedding size (the trained embedder outputs this size).
         max_chunks_per_stream: newest chunks read per stream (bounds memory on day-long streams).
+        num_threads: torch CPU threads while training (restored afterwards); None leaves them as they are.
+            The model is small: on a busy machine one thread is often faster than several.
     Returns:
         a :class:`TrainEmbedderResult` with the loss trajectory.
     Raises:
@@ -240,33 +255,34 @@ def train_embedder(
     seqs = [s for s in _load_sequences(config, stream_ids, max_chunks_per_stream) if len(s) >= seq_len]
     if not seqs:
         raise ValueError(f"no run of {seq_len} consecutive stored frames in streams {list(stream_ids)}")
-    cfg = ConvAEConfig(in_channels=seqs[0].shape[1], dim=embedding_dim, hidden=hidden)
-    emb = ConvAEEmbedder(cfg, seed=seed)
-    model = emb.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    weights = torch.tensor([len(s) - seq_len + 1 for s in seqs], dtype=torch.float64)
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    for step in range(steps):
-        picks = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
-        batch = []
-        for p in picks.tolist():
-            start = int(torch.randint(0, len(seqs[p]) - seq_len + 1, (1,), generator=gen))
-            batch.append(seqs[p][start : start + seq_len])
-        x = torch.stack(batch)  # (B, S, C, H, W)
-        b, s = x.shape[:2]
-        recon, z = model(x.flatten(0, 1))  # (B*S, C, H, W) -> (B*S, C, H, W), (B*S, dim)
-        recon_loss = F.mse_loss(recon, x.flatten(0, 1))
-        delta_loss = window_temporal_delta_loss(z.view(b, s, -1), window, margin)  # (B*S, dim) -> (B, S, dim)
-        loss = recon_loss + delta_weight * delta_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-        if step % 50 == 0 or step == steps - 1:
-            log.info("train_embedder_step", step=step, loss=float(loss), recon=float(recon_loss),
-                     delta=float(delta_loss))
+    with _torch_threads(num_threads):
+        cfg = ConvAEConfig(in_channels=seqs[0].shape[1], dim=embedding_dim, hidden=hidden)
+        emb = ConvAEEmbedder(cfg, seed=seed)
+        model = emb.model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        weights = torch.tensor([len(s) - seq_len + 1 for s in seqs], dtype=torch.float64)
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        for step in range(steps):
+            picks = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
+            batch = []
+            for p in picks.tolist():
+                start = int(torch.randint(0, len(seqs[p]) - seq_len + 1, (1,), generator=gen))
+                batch.append(seqs[p][start : start + seq_len])
+            x = torch.stack(batch)  # (B, S, C, H, W)
+            b, s = x.shape[:2]
+            recon, z = model(x.flatten(0, 1))  # (B*S, C, H, W) -> (B*S, C, H, W), (B*S, dim)
+            recon_loss = F.mse_loss(recon, x.flatten(0, 1))
+            delta_loss = window_temporal_delta_loss(z.view(b, s, -1), window, margin)  # (B*S, dim) -> (B, S, dim)
+            loss = recon_loss + delta_weight * delta_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            recon_v, delta_v = float(recon_loss.detach()), float(delta_loss.detach())
+            losses.append(recon_v + delta_weight * delta_v)
+            if step % 50 == 0 or step == steps - 1:
+                log.info("train_embedder_step", step=step, loss=losses[-1], recon=recon_v, delta=delta_v)
     model.eval()
     frames = sum(len(s) for s in seqs)
     emb.save(
@@ -276,9 +292,15 @@ def train_embedder(
         frames=frames,
         stream_ids=list(stream_ids),
         losses={"first": losses[0], "final": losses[-1]},
-        hyper={"seq_len": seq_len, "window": window, "margin": margin, "delta_weight": delta_weight, "lr": lr,
-               "batch_size": batch_size, "seed": seed},
+        hyper={
+            "seq_len": seq_len,
+            "window": window,
+            "margin": margin,
+            "delta_weight": delta_weight,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+        },
         seconds=round(time.perf_counter() - t0, 3),
     )
-    return TrainEmbedderResult(Path(out_dir), steps, frames, losses[0], losses[-1], float(recon_loss),
-                               float(delta_loss), losses)
+    return TrainEmbedderResult(Path(out_dir), steps, frames, losses[0], losses[-1], recon_v, delta_v, losses)

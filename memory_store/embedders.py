@@ -70,8 +70,13 @@ class PooledProjectionEmbedder:
         return np.stack([self.embed(x) for x in latents])
 
 
-_CONV_AE_NAMES = ("ConvAEConfig", "ConvAEEmbedder", "TrainEmbedderResult", "train_embedder",
-                  "window_temporal_delta_loss")
+_CONV_AE_NAMES = (
+    "ConvAEConfig",
+    "ConvAEEmbedder",
+    "TrainEmbedderResult",
+    "train_embedder",
+    "window_temporal_delta_loss",
+)
 
 
 def __getattr__(name: str):

@@ -119,7 +119,7 @@ class Retriever:
         )
 
     def _new_tier(self) -> HotTier:
-        tier = HotTier(
+        return HotTier(
             self.config.embedding_dim,
             self.config.hot_tier_device,
             payload_cache_entries=self.config.payload_cache_entries,
@@ -136,9 +136,7 @@ class Retriever:
             return pinned
         if version is None or tier is None:
             return self.open_stream(stream_id, version=version)
-        pinned = HotTier.from_lancedb(
-            self.config, stream_id, version=version, quantize_min_rows=self.quantize_min_rows
-        )
+        pinned = HotTier.from_lancedb(self.config, stream_id, version=version, quantize_min_rows=self.quantize_min_rows)
         pinned.pinned = version
         with self._lock:
             return self._pinned.setdefault((stream_id, version), pinned)
@@ -254,8 +252,9 @@ class Retriever:
         chunks = rows_to_chunks(t, sid)
         order = np.lexsort(([c.chunk_index for c in chunks], -scores))
         return [
-            RetrievedChunk(chunks[i].chunk_index, chunks[i].first_frame, chunks[i].num_frames, float(scores[i]),
-                           chunks[i].latents)
+            RetrievedChunk(
+                chunks[i].chunk_index, chunks[i].first_frame, chunks[i].num_frames, float(scores[i]), chunks[i].latents
+            )
             for i in order
         ]
 

@@ -24,7 +24,7 @@ import structlog
 
 from memory_store.config import MemoryStoreConfig
 from memory_store.db import connect, contiguous_prefix_end, open_chunk_table, read_chunk_indices
-from memory_store.maintenance import MaintenanceReport, Maintainer
+from memory_store.maintenance import Maintainer, MaintenanceReport
 from memory_store.schema import (
     ChunkRecord,
     EncodedChunk,
@@ -256,6 +256,9 @@ class MemoryWriter:
                     self._tables[stream_id] = table
                 result = (
                     table.merge_insert("chunk_index")
+                    # LanceDB 0.40: a merge joined through the chunk_index B-tree misses rows that a
+                    # concurrent writer just inserted, and both copies survive. The scan join does not.
+                    .use_index(False)
                     .when_matched_update_all()
                     .when_not_matched_insert_all()
                     .execute(data)

@@ -49,12 +49,13 @@ def make_record(
     )
 
 
-def append_chunks(uri: str, stream_ids: list[str], n_chunks: int, start: int = 0, batch_size: int = 32) -> None:
+def append_chunks(uri: str, stream_ids: list[str], n_chunks: int, start: int = 0, batch_size: int = 64) -> None:
     """Child: write chunks start..n_chunks-1 of every stream (interleaved), flush, exit."""
     from memory_store.writer import MemoryWriter
 
-    cfg = MemoryStoreConfig(uri=uri, embedding_dim=DIM, batch_size=batch_size, flush_interval_s=0.05,
-                            compact_every_n_commits=8)
+    cfg = MemoryStoreConfig(
+        uri=uri, embedding_dim=DIM, batch_size=batch_size, flush_interval_s=0.05, compact_every_n_commits=8
+    )
     with MemoryWriter(cfg) as w:
         for i in range(start, n_chunks):
             for sid in stream_ids:
@@ -66,8 +67,7 @@ def append_forever(uri: str, stream_id: str, ready_path: str) -> None:
     """Child: write chunks 0, 1, 2, ... of one stream until killed; touch ``ready_path`` once data is durable."""
     from memory_store.writer import MemoryWriter
 
-    cfg = MemoryStoreConfig(uri=uri, embedding_dim=DIM, batch_size=16, flush_interval_s=0.01,
-                            compact_every_n_commits=4)
+    cfg = MemoryStoreConfig(uri=uri, embedding_dim=DIM, batch_size=16, flush_interval_s=0.01, compact_every_n_commits=4)
     shape = (2, 4, 16, 16)  # larger payloads: a commit takes long enough to be killed in the middle
     w = MemoryWriter(cfg)
     i = 0
