@@ -135,6 +135,7 @@ class LatentKVCache:
             self.scale = torch.ones((lay.num_layers, groups, 2), dtype=torch.float32, device=self.device)
         self.frame_index = torch.full((lay.slot_frames,), -1, dtype=torch.int64)  # -1: empty slot
         self.window_written = 0  # frames ever written into the window ring
+        self.memory_written = 0  # frames ever pushed into the memory region as a ring (push_memory)
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # memo of valid slot/token indices
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -198,6 +199,32 @@ class LatentKVCache:
             self.frame_index[s] = f
         self._gather = None
         return slots
+
+    def push_memory(self, frames: list[int], rows: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Append whole frames (rows from :meth:`export_slots`) to the memory region used as a ring.
+
+        The far-history ring of sparse memory: frames evicted from the local window are pushed here,
+        overwriting the oldest pushed frame once the region is full.
+        """
+        lay = self.layout
+        if lay.memory_frames == 0:
+            raise ValueError("this cache has no memory slots")
+        slots = [lay.sink_frames + (self.memory_written + i) % lay.memory_frames for i in range(len(frames))]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"{len(frames)} frames do not fit {lay.memory_frames=}")
+        self.import_slots(slots, rows, scale)
+        for f, slot in zip(frames, slots):
+            self.frame_index[slot] = f
+        self.memory_written += len(frames)
+        self._gather = None
+
+    def kind_counts(self, slots: torch.Tensor | None = None) -> dict[str, int]:
+        """How many of the (valid) slots are sink, memory and local frames."""
+        slots = self.valid_slots() if slots is None else slots
+        out = {"sink": 0, "memory": 0, "local": 0}
+        for s in slots.tolist():
+            out[self.slot_kind(s)] += 1
+        return out
 
     # ---- data --------------------------------------------------------------------------------
     def write_slots(self, layer: int, slots: list[int], rows: torch.Tensor) -> None:
@@ -308,7 +335,11 @@ class LatentKVCache:
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def state_meta(self) -> dict:
-        return {"layout": asdict(self.layout), "window_written": self.window_written}
+        return {
+            "layout": asdict(self.layout),
+            "window_written": self.window_written,
+            "memory_written": self.memory_written,
+        }
 
     @classmethod
     def from_state(
@@ -324,4 +355,5 @@ class LatentKVCache:
                 raise ValueError(f"saved cache tensor {name!r} is missing or does not match the layout")
             dst.copy_(src)
         cache.window_written = int(meta["window_written"])
+        cache.memory_written = int(meta.get("memory_written", 0))
         return cache

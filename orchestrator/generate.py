@@ -96,8 +96,6 @@ def run_generate(args) -> dict:
     out = check_output_path(args.out)
     cfg = build_config(args)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    if cfg.memory == "sparse":
-        raise UsageError("--memory sparse is not wired into the generator yet; use window or retrieval")
     if not cfg.can_decode:
         raise UsageError(f"preset {cfg.name!r} has no VAE decoder here; it is for `longroll plan` and GPU benchmarks")
     link = None

@@ -31,6 +31,8 @@ class StreamContext:
     q_sin: torch.Tensor
     plan: AppendPlan | None = None  # set on the re-cache pass
     slots: torch.Tensor | None = None  # slot frames to attend to; None = every valid slot
+    sink_tokens: int = 0  # sparse memory: context tokens of the sink (always read)
+    window_start: int = 0  # sparse memory: first context token of the local window (always read)
 
 
 class MHAttention(nn.Module):
@@ -86,6 +88,8 @@ class MLAttention(nn.Module):
         self.w_uv = nn.Parameter(torch.randn(self.heads, self.d_v, self.d_c) * std)
         self.out = nn.Linear(cfg.num_heads * self.d_v, cfg.dim)
         self.scale = (self.d_nope + self.d_r) ** -0.5
+        self.sparse = cfg.memory == "sparse"
+        self.sparse_args = dict(top_k=cfg.sparse_top_k, block_size=cfg.sparse_block, q_group=cfg.sparse_q_group)
 
     def forward(self, x: torch.Tensor, layer: int, ctxs: list[StreamContext]) -> torch.Tensor:
         b, s, _ = x.shape
@@ -104,7 +108,15 @@ class MLAttention(nn.Module):
             r_all = torch.cat([rows[:, self.d_c :], k_rope[i]], dim=0)  # (S_ctx + S, d_r)
             r_rot = apply_rope(r_all, ctx.k_cos, ctx.k_sin)
             qr_rot = apply_rope(q_rope[i], ctx.q_cos[:, None, :], ctx.q_sin[:, None, :])
-            if self.form == "absorbed":
+            if self.sparse:
+                n = rows.shape[0]
+                # OmniMem: each head reads its top-k history blocks + the sink + the local window + the chunk
+                o_lat, _ = dispatch.sparse_latent(
+                    q_lat[i], qr_rot, c_all[:n], r_rot[:n], self.scale, ckv_new=c_all[n:], k_rope_new=r_rot[n:],
+                    sink_len=ctx.sink_tokens, window_start=ctx.window_start, **self.sparse_args,
+                )  # fmt: skip
+                outs.append(torch.einsum("shc,hvc->shv", o_lat.to(x.dtype), self.w_uv))
+            elif self.form == "absorbed":
                 o_lat = dispatch.latent(q_lat[i], qr_rot, c_all, r_rot, self.scale)  # (S, H, d_c)
                 outs.append(torch.einsum("shc,hvc->shv", o_lat, self.w_uv))
             else:

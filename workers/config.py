@@ -44,6 +44,10 @@ class ModelConfig:
     memory_frames: int = 6  # slots for retrieved frames (memory="retrieval"/"sparse"); whole chunks
     memory_exclude_recent: int = 1  # retrieval: LongLive-RAG's R, most recently evicted chunks left out
     embedding_dim: int = 64  # retrieval: floats per chunk embedding in the memory store
+    history_frames: int = 24  # sparse: far-history ring fed by frames evicted from the window
+    sparse_top_k: int = 6  # sparse: context blocks each (query group, head) reads, sink included
+    sparse_block: int = 64  # sparse: tokens per block (a power of two >= 16 for the Triton kernel)
+    sparse_q_group: int = 64  # sparse: consecutive queries sharing one block selection
     memory: MemoryMode = "window"  # how far-back history enters the context
     position: Literal["absolute", "relative"] = "relative"  # temporal id policy
     max_temporal_id: int = 20  # relative policy: cap on the newest frame's temporal id
@@ -96,6 +100,21 @@ class ModelConfig:
             raise ValueError(f"{self.window_frames=} must hold one chunk ({self.frames_per_chunk=})")
         if self.sink_frames < 0 or self.memory_frames < 0 or self.memory_exclude_recent < 0:
             raise ValueError(f"{self.sink_frames=}, {self.memory_frames=}, {self.memory_exclude_recent=} must be >= 0")
+        if self.memory == "sparse":
+            if self.attention != "mla":
+                raise ValueError("memory='sparse' reads the latent cache: use attention='mla'")
+            blk = self.sparse_block
+            if (
+                blk < 16
+                or blk & (blk - 1)
+                or self.sparse_top_k < 1
+                or self.sparse_q_group < 1
+                or self.history_frames < 1
+            ):
+                raise ValueError(
+                    f"{self.sparse_block=} must be a power of two >= 16; {self.sparse_top_k=}, "
+                    f"{self.sparse_q_group=} and {self.history_frames=} must be >= 1"
+                )
         if self.memory == "retrieval" and (self.memory_frames < 1 or self.memory_frames % self.frames_per_chunk):
             raise ValueError(
                 f"retrieval needs {self.memory_frames=} to be a positive multiple of {self.frames_per_chunk=}"
@@ -145,7 +164,7 @@ class ModelConfig:
             num_layers=self.num_layers,
             tokens_per_frame=self.tokens_per_frame,
             sink_frames=self.sink_frames,
-            memory_frames=self.memory_frames if self.uses_memory else 0,
+            memory_frames={"window": 0, "retrieval": self.memory_frames, "sparse": self.history_frames}[self.memory],
             window_frames=self.window_frames,
             num_heads=self.num_heads,
             head_dim=self.head_dim,

@@ -76,8 +76,6 @@ class Generator:
         """
         if cfg.memory == "retrieval" and (memory is None or embedder is None):
             raise ValueError("memory='retrieval' needs a memory source and an embedder")
-        if cfg.memory == "sparse":
-            raise ValueError("memory='sparse' is not available in the generator yet")
         self.cfg = cfg
         self.memory = memory if cfg.memory == "retrieval" else None
         self.embedder = embedder
@@ -147,8 +145,13 @@ class Generator:
         ]
         q_ids = self.policy.temporal_ids(q_frames, q_kind, newest)
         k_cos, k_sin = self._cos_sin(torch.cat([*ids, q_ids]))
-        n_ctx = len(ids) * self.cfg.tokens_per_frame
-        return StreamContext(cache, k_cos, k_sin, k_cos[n_ctx:], k_sin[n_ctx:], slots=slots)
+        t_f = self.cfg.tokens_per_frame
+        n_ctx = len(ids) * t_f
+        kinds = cache.kind_counts(slots)
+        return StreamContext(
+            cache, k_cos, k_sin, k_cos[n_ctx:], k_sin[n_ctx:], slots=slots,
+            sink_tokens=kinds["sink"] * t_f, window_start=(kinds["sink"] + kinds["memory"]) * t_f,
+        )  # fmt: skip
 
     def _chunk_frames(self, state: StreamState) -> torch.Tensor:
         first = state.next_chunk * self.cfg.frames_per_chunk
@@ -255,13 +258,20 @@ class Generator:
             x = x + (sigma_next - sigma) * v  # Euler step of dx/dsigma = v
 
         # re-cache: the clean chunk at sigma = 0 writes its rows into every layer's cache
+        spill = []  # sparse memory: rows of the frames the re-cache pass evicts from the window
         for s, ctx in zip(states, ctxs):
             ctx.plan = s.cache.plan_append(self._chunk_frames(s).tolist())
+            if self.cfg.memory == "sparse" and ctx.plan.evicted:
+                slots = [int(torch.nonzero(s.cache.frame_index == f)[0]) for f in ctx.plan.evicted]
+                spill.append((s, ctx.plan.evicted, s.cache.export_slots(slots)))
         self.model(x, torch.zeros(b, device=self.device), cond, actions, ctxs, need_output=False)
 
-        chunks = []
-        for i, (s, ctx) in enumerate(zip(states, ctxs)):
+        for s, ctx in zip(states, ctxs):
             s.cache.commit(ctx.plan)
+        for s, frames, (rows, scale) in spill:
+            s.cache.push_memory(frames, rows, scale)  # evicted frames become far history
+        chunks = []
+        for i, s in enumerate(states):
             lat = x[i].float().cpu()
             frames = self.decode(lat) if self.can_decode else torch.empty(0, dtype=torch.uint8)
             emb = self.embedder.embed(lat) if self.embedder is not None else None
