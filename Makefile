@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/demo.mp4
-DEMO_FRAMES ?= 240
+DEMO_RUN ?= $(basename $(DEMO_OUT))
+DEMO_STREAMS ?= 3
+DEMO_CHUNKS ?= 80
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint bench clean
@@ -18,8 +20,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	@mkdir -p $(dir $(DEMO_OUT))
-	$(VENV)/bin/longroll generate --preset tiny --frames $(DEMO_FRAMES) --out $(DEMO_OUT)
+	@rm -rf $(DEMO_RUN) && mkdir -p $(dir $(DEMO_OUT))
+	$(VENV)/bin/longroll run --streams $(DEMO_STREAMS) --chunks $(DEMO_CHUNKS) --workers 2 --out $(DEMO_RUN) --quiet
+	$(VENV)/bin/longroll export s0 $(DEMO_OUT) --out $(DEMO_RUN)
 
 test: $(STAMP)
 	@# pytest exits 5 when it collected no tests: that is a failure here

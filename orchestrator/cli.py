@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from orchestrator import export as export_cmd
 from orchestrator import generate, plan
 from orchestrator import resume as resume_cmd
 from orchestrator import run as run_cmd
@@ -19,7 +20,7 @@ from orchestrator import train_embedder as train_embedder_cmd
 from orchestrator.cli_common import Parser, UsageError
 from orchestrator.logs import configure_logging
 
-COMMANDS = [generate, plan, run_cmd, submit_cmd, status_cmd, stop_cmd, resume_cmd, train_embedder_cmd]
+COMMANDS = [generate, plan, run_cmd, submit_cmd, status_cmd, stop_cmd, resume_cmd, export_cmd, train_embedder_cmd]
 
 
 def build_parser() -> Parser:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from orchestrator.actor import start_orchestrator
 from orchestrator.registry import NAMESPACE, RunSpec, request_stop
+from workers.config import ModelConfig
 from workers.messages import RunProgress
 
 log = structlog.get_logger(__name__)
@@ -39,7 +40,7 @@ def connect(address: str | None, run: RunSpec, verbose: bool = False) -> None:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=verbose, runtime_env=env)
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(run.workers * run.worker_cpus))
-        ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=verbose,
+        ray.init(address="local", num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=verbose,
                  runtime_env=env)
 
 
@@ -95,9 +96,10 @@ def drive(run: RunSpec, quiet: bool = False) -> int:
     ray.kill(orch, no_restart=True)
     elapsed = time.monotonic() - t0
     frames = p.frames
+    layout = ModelConfig.from_dict(run.model).cache_layout()
     print(
         f"{p.state}: {len(p.streams)} streams, {sum(s.next_chunk for s in p.streams)} chunks, "
         f"{frames} frames generated in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s), "
-        f"{len(p.recoveries)} recoveries; output in {run.out_dir}"
+        f"{len(p.recoveries)} recoveries; cache {layout.bytes_per_token()} bytes/token; output in {run.out_dir}"
     )
     return 0

@@ -23,6 +23,7 @@ class WorkerSettings:
     memory_uri: str | None = None  # LanceDB URI of the memory store (None: chunks are not stored)
     threads: int = 1  # torch CPU threads of the worker
     stub: bool = False  # benchmarks: fake chunks, no model, no files
+    write_output: bool = True  # benchmarks: False = no segments, manifests or checkpoints
     log_format: str = "json"
     log_level: str = "info"
 

@@ -116,7 +116,7 @@ class GeneratorWorkerImpl:
         if sid in self.streams:
             h = self.streams[sid]
             return Assigned(sid, h.state.next_chunk, h.last_checkpoint)
-        if self.s.stub:
+        if self.s.stub or not self.s.write_output:
             self.streams[sid] = _Held(a, self.gen.new_stream(a.spec), None, None, None)
             return Assigned(sid, 0, None)
         store = CheckpointStore(self.ckpt_root, sid, keep=self.s.keep_checkpoints)

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def cluster():
     assert not ray.is_initialized()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the orchestrator (num_cpus=0) lives here
-    nodes = [c.add_node(num_cpus=1) for _ in range(2)]  # one GeneratorWorker (1 CPU) fits on each
+    # the orchestrator (num_cpus=0) lives on the head; one GeneratorWorker (1 CPU) fits on each other node
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
     yield c, nodes
