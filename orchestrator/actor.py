@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ray
 import structlog
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from orchestrator.registry import FINAL_STATES, NAMESPACE, RunSpec, actor_name, clear_stops, pending_stops
 from workers.messages import (
@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 STARTUP_WAIT_S = 60.0  # at start, wait this long for every worker before assigning (avoids moves)
 NODE_CHECK_S = 1.0  # how often node membership is checked
 CALL_TIMEOUT_S = 120.0  # assign / release calls
+MAX_STEP_FAILURES = 3  # a stream whose steps raised this many times is marked failed
 
 
 @dataclass
@@ -79,6 +80,7 @@ class OrchestratorImpl:
         self._started = False
         self.recoveries: list[Recovery] = []
         self._awaiting: dict[str, int] = {}  # stream -> index into recoveries
+        self._failures: dict[str, int] = {}  # stream -> steps that raised (this incarnation)
         self.chunks = self.frames = 0
         self.control_s = 0.0
         self.started_at = time.time()
@@ -86,8 +88,9 @@ class OrchestratorImpl:
         self.finished = False
         self._next_node_check = 0.0
         self._use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        self._event("orchestrator.start", incarnation=self.incarnation,
-                    pending=sum(s == "pending" for s in self.state.values()))
+        self._event(
+            "orchestrator.start", incarnation=self.incarnation, pending=sum(s == "pending" for s in self.state.values())
+        )
         self._thread = None
         if start_loop:
             self._thread = threading.Thread(target=self._loop, name="orchestrator-loop", daemon=True)
@@ -97,15 +100,33 @@ class OrchestratorImpl:
     def progress(self) -> RunProgress:
         with self.lock:
             streams = tuple(
-                StreamStatus(sid, self.state[sid], self.next_chunk[sid], e.target_chunks, self.assigned.get(sid),
-                             self.last_ckpt[sid])
+                StreamStatus(
+                    sid,
+                    self.state[sid],
+                    self.next_chunk[sid],
+                    e.target_chunks,
+                    self.assigned.get(sid),
+                    self.last_ckpt[sid],
+                )
                 for sid, e in self.entries.items()
             )
-            workers = tuple(replace(w.info, stream_ids=tuple(sorted(w.streams))) for w in self.workers.values()
-                            if w.info is not None)
+            workers = tuple(
+                replace(w.info, stream_ids=tuple(sorted(w.streams)))
+                for w in self.workers.values()
+                if w.info is not None
+            )
             state = self.run.state if self.finished else "running" if self._started else "starting"
-            return RunProgress(state, streams, workers, self.chunks, self.frames, self.started_at, self.control_s,
-                               tuple(self.recoveries), self.error)
+            return RunProgress(
+                state,
+                streams,
+                workers,
+                self.chunks,
+                self.frames,
+                self.started_at,
+                self.control_s,
+                tuple(self.recoveries),
+                self.error,
+            )
 
     def stop(self, stream_ids: list[str] | None = None) -> None:
         from orchestrator.registry import request_stop
@@ -168,6 +189,9 @@ class OrchestratorImpl:
                 except RayActorError as e:
                     self._lost(w, f"{type(e).__name__}")
                     continue
+                except RayTaskError as e:  # the step raised: same path as a death, bounded retries
+                    self._step_failed(w, e)
+                    continue
                 self._on_report(w, report)
         self.control_s += time.perf_counter() - t0
 
@@ -225,6 +249,21 @@ class OrchestratorImpl:
                 self._awaiting[sid] = idx
         self._event("worker.lost", worker_id=w.id, node_id=node, reason=reason, streams=list(streams))
 
+    def _step_failed(self, w: _Worker, err: Exception) -> None:
+        """A step raised. The worker is replaced and its streams reload from their checkpoints, like
+        after a crash; a stream whose steps failed MAX_STEP_FAILURES times is marked failed (a
+        deterministic bug would otherwise rerun forever)."""
+        streams = sorted(w.streams)
+        self._event("worker.step_failed", worker_id=w.id, streams=streams, error=str(err)[-800:])
+        self._lost(w, "step failed")
+        for sid in streams:
+            self._failures[sid] = self._failures.get(sid, 0) + 1
+            if self._failures[sid] >= MAX_STEP_FAILURES and self.state[sid] == "pending":
+                self.state[sid] = "failed"
+                self._awaiting.pop(sid, None)
+                self._mark_manifest(sid, "failed")
+                self._event("stream.failed", stream_id=sid, failures=self._failures[sid])
+
     def _live(self) -> list[_Worker]:
         return [w for w in self.workers.values() if w.info is not None]
 
@@ -265,8 +304,9 @@ class OrchestratorImpl:
             self.next_chunk[sid], self.last_ckpt[sid] = a.start_chunk, a.checkpoint
             if a.skipped:
                 self._event("checkpoint.fallback", stream_id=sid, chunk_index=a.checkpoint, skipped=list(a.skipped))
-            self._event("stream.assigned", stream_id=sid, worker_id=w.id, chunk_index=a.start_chunk,
-                        checkpoint=a.checkpoint)
+            self._event(
+                "stream.assigned", stream_id=sid, worker_id=w.id, chunk_index=a.start_chunk, checkpoint=a.checkpoint
+            )
 
     def _rebalance(self, new: _Worker) -> None:
         """A worker joined: move streams to it from the most loaded workers until loads differ by <= 1."""
@@ -285,8 +325,16 @@ class OrchestratorImpl:
             new.streams.add(sid)
             self.assigned[sid] = new.id
             self._collect_assignments(
-                [(sid, new, new.handle.assign.remote(StreamAssignment(self.entries[sid].spec,
-                                                                      self.entries[sid].target_chunks)))])
+                [
+                    (
+                        sid,
+                        new,
+                        new.handle.assign.remote(
+                            StreamAssignment(self.entries[sid].spec, self.entries[sid].target_chunks)
+                        ),
+                    )
+                ]
+            )
 
     def _on_report(self, w: _Worker, r: StepReport) -> None:
         self.chunks += r.chunks
@@ -350,7 +398,8 @@ class OrchestratorImpl:
         return all(st in FINAL_STATES for st in self.state.values())
 
     def _finish(self) -> None:
-        self.run.state = "done" if all(st == "done" for st in self.state.values()) else "stopped"
+        states = set(self.state.values())
+        self.run.state = "done" if states == {"done"} else "failed" if "failed" in states else "stopped"
         self.run.save()
         for w in self.workers.values():
             with contextlib.suppress(Exception):

@@ -13,10 +13,8 @@ import structlog
 import torch
 from tqdm import tqdm
 
-from memory_store.db import connect, list_streams
 from orchestrator.cli_common import UsageError, add_model_options, build_config
 from workers.generator import Generator
-from workers.memory import MemoryLink, default_embedder
 from workers.types import StreamSpec
 from workers.video import Mp4Writer
 
@@ -72,12 +70,17 @@ def run(args) -> int:
     return 0
 
 
-def open_generate_memory(uri: str | None, out: Path, cfg) -> MemoryLink:
+def open_generate_memory(uri: str | None, out: Path, cfg):
     """The database of a one-off `generate` run: a fresh one beside the video unless a URI is given.
 
     The stream is always called "generate", so an explicit database that already holds it is refused
     (its history belongs to another rollout); the default one is ours and is recreated.
+    Returns a :class:`workers.memory.MemoryLink`.
     """
+    # imported here: LanceDB's runtime is not fork-safe, so the CLI loads it only when it is used
+    from memory_store.db import connect, list_streams
+    from workers.memory import MemoryLink
+
     if uri is None:
         default = out.with_suffix(".memory")
         if default.exists():
@@ -101,6 +104,8 @@ def run_generate(args) -> dict:
     link = None
     if cfg.memory == "retrieval":
         link = open_generate_memory(args.memory_uri, out, cfg)
+        from workers.memory import default_embedder
+
         gen = Generator(cfg, memory=link.retriever, embedder=default_embedder(cfg))
     else:
         gen = Generator(cfg)

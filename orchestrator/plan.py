@@ -31,7 +31,6 @@ _UNITS = {
     "T": 10**12,
 }
 RESERVED_FRACTION = 0.10  # of GPU memory kept free for the allocator, CUDA context and fragmentation
-EMBEDDING_DIM = 64  # retrieval embedding stored per chunk (float32)
 
 
 def parse_bytes(text: str) -> int:
@@ -71,7 +70,7 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
     latent_fps = video_fps / cfg.vae_stride[0]
     chunks_per_hour = latent_fps * 3600 / cfg.frames_per_chunk
     row_bytes = (
-        cfg.frames_per_chunk * cfg.latent_channels * cfg.latent_height * cfg.latent_width * 2 + EMBEDDING_DIM * 4
+        cfg.frames_per_chunk * cfg.latent_channels * cfg.latent_height * cfg.latent_width * 2 + cfg.embedding_dim * 4
     )
     store_hour = chunks_per_hour * row_bytes
     return {

@@ -19,7 +19,7 @@ from workers.types import StreamSpec
 
 RUN_FILE = "run.json"
 CONTROL_DIR = "control"
-FINAL_STATES = ("done", "stopped")
+FINAL_STATES = ("done", "stopped", "failed")
 NAMESPACE = "longroll"
 
 
@@ -54,7 +54,7 @@ class RunSpec:
     checkpoint_uri: str | None = None
     memory_uri: str | None = None  # default DIR/memory
     stub: bool = False
-    state: str = "running"  # running | done | stopped
+    state: str = "running"  # running | done | stopped | failed
     created_at: float = field(default_factory=time.time)
 
     @property

@@ -43,7 +43,7 @@ def prepare_resume(spec: RunSpec, stream_ids: list[str]) -> list[str]:
     todo = []
     for sid in selected:
         m = spec.manifest(sid)
-        if m is not None and m.get("state") == "stopped":
+        if m is not None and m.get("state") in ("stopped", "failed"):
             m["state"] = "pending"
             write_json_atomic(spec.stream_dir(sid) / "manifest.json", m)
         if m is None or m.get("state") != "done":

@@ -28,8 +28,12 @@ def add_run_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     length.add_argument("--infinite", action="store_true", help="streams run until `longroll stop`")
     p.add_argument("--workers", type=int, default=2, help="GeneratorWorker actors (default 2)")
     p.add_argument("--checkpoint-every", type=int, default=8, help="checkpoint each stream every K chunks")
-    p.add_argument("--segment-chunks", type=int, default=None,
-                   help="chunks per mp4 segment; must divide --checkpoint-every (default: = K)")
+    p.add_argument(
+        "--segment-chunks",
+        type=int,
+        default=None,
+        help="chunks per mp4 segment; must divide --checkpoint-every (default: = K)",
+    )
     p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept per stream")
     p.add_argument("--keep-segments", type=int, default=None, help="keep only the newest N segments per stream")
     p.add_argument("--streams-per-worker", type=int, default=None, help="capacity of one worker (default: no limit)")
@@ -105,14 +109,21 @@ def build_streams(args) -> list[StreamEntry]:
 
 def build_run_spec(args, check_out: bool = True) -> RunSpec:
     """Validate the run options into a RunSpec. Raises UsageError; writes nothing."""
-    for name in ("chunks", "workers", "checkpoint_every", "segment_chunks", "keep_checkpoints", "keep_segments",
-                 "streams_per_worker", "worker_cpus", "upscale"):
+    for name in (
+        "chunks",
+        "workers",
+        "checkpoint_every",
+        "segment_chunks",
+        "keep_checkpoints",
+        "keep_segments",
+        "streams_per_worker",
+        "worker_cpus",
+        "upscale",
+    ):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     cfg = build_config(args)
-    if cfg.memory != "window":
-        raise UsageError(f"--memory {cfg.memory} is not wired into the generator yet; use --memory window")
     if not cfg.can_decode and not args.stub:
         raise UsageError(f"preset {cfg.name!r} has no VAE decoder here; `run` needs a decodable preset such as tiny")
     seg = args.segment_chunks or args.checkpoint_every

@@ -63,6 +63,14 @@ class MemoryLink:
         self.retriever.observe(record)
         self.writer.put(record)
 
+    def flush(self) -> None:
+        """Block until every published chunk is durable."""
+        self.writer.flush()
+
+    def table_version(self, stream_id: str) -> int:
+        """The stream's table version now (a checkpoint records it, to pin a resumed stream's reads)."""
+        return self.writer.table_version(stream_id)
+
     def close(self) -> None:
         try:
             self.writer.close()

@@ -28,8 +28,6 @@ from workers.types import Chunk
 
 log = structlog.get_logger(__name__)
 
-EMBEDDING_DIM = 64
-
 
 def configure_worker_logging(fmt: str, level: str) -> None:
     """structlog JSON lines on stderr (Ray forwards them to the driver and the worker log files)."""
@@ -49,7 +47,11 @@ def configure_worker_logging(fmt: str, level: str) -> None:
 
 
 class StubGenerator:
-    """Benchmarks of the control plane: chunks of 1 tiny frame, no model."""
+    """Benchmarks and tests of the control plane: chunks of 1 tiny frame, no model.
+
+    A stream whose prompt is ``raise-at:N`` makes the step that would produce its chunk N raise
+    (failure injection for tests of the orchestrator's error path).
+    """
 
     def __init__(self, cfg: ModelConfig):
         self.cfg, self.config_hash = cfg, cfg.config_hash()
@@ -60,6 +62,8 @@ class StubGenerator:
     def step(self, states) -> list[Chunk]:
         out = []
         for s in states:
+            if s.spec.prompt == f"raise-at:{s.next_chunk}":
+                raise RuntimeError(f"injected failure: {s.stream_id} chunk {s.next_chunk}")
             out.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk, torch.zeros(1), torch.zeros(1, 2, 2, 3)))
             s.next_chunk += 1
         return out
@@ -83,19 +87,23 @@ class GeneratorWorkerImpl:
         self.worker_id, self.s = worker_id, settings
         self.cfg = ModelConfig.from_dict(settings.model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.memory = None  # MemoryLink: every chunk is published to the store (and searchable at once)
+        if settings.memory_uri and not settings.stub:
+            from workers.memory import MemoryLink
+
+            self.memory = MemoryLink(settings.memory_uri, self.cfg)
+        elif self.cfg.memory == "retrieval":
+            raise ValueError("memory='retrieval' needs a memory store (settings.memory_uri)")
         if settings.stub:
             self.gen = StubGenerator(self.cfg)
         else:
             from workers.generator import Generator
+            from workers.memory import default_embedder
 
-            self.gen = Generator(self.cfg, device=self.device)
+            retriever = self.memory.retriever if self.memory is not None else None
+            embedder = default_embedder(self.cfg) if self.memory is not None else None
+            self.gen = Generator(self.cfg, device=self.device, memory=retriever, embedder=embedder)
         self.streams: dict[str, _Held] = {}
-        self.memory = None
-        if settings.memory_uri and not settings.stub:
-            from memory_store import MemoryStoreConfig, MemoryWriter, PooledProjectionEmbedder
-
-            self.memory = MemoryWriter(MemoryStoreConfig(uri=settings.memory_uri, embedding_dim=EMBEDDING_DIM))
-            self.embedder = PooledProjectionEmbedder(self.cfg.latent_channels, dim=EMBEDDING_DIM, seed=0)
         self.ckpt_root = settings.checkpoint_uri or str(Path(settings.out_dir) / "streams")
         log.info("worker.start", worker_id=worker_id, pid=os.getpid(), device=self.device)
 
@@ -128,6 +136,10 @@ class GeneratorWorkerImpl:
             self.gen.check_state(state)
         else:
             state, ckpt = self.gen.new_stream(a.spec), None
+        if self.memory is not None and self.cfg.memory == "retrieval":
+            # warm the hot tier from the store; the rows a resumed stream may use all predate its checkpoint
+            version = loaded.extra.get("memory_table_version") if loaded is not None else None
+            self.memory.open_stream(sid, version=version if version and version > 0 else None)
         out = StreamOutput(
             Path(self.s.out_dir) / "streams" / sid,
             sid,
@@ -160,6 +172,8 @@ class GeneratorWorkerImpl:
             h = self.streams.pop(sid, None)
             if h is None:
                 continue
+            if hasattr(self.gen, "forget"):
+                self.gen.forget(sid)
             if h.output is not None:
                 h.output.close_segment()
                 if h.last_checkpoint != h.state.next_chunk:
@@ -200,19 +214,7 @@ class GeneratorWorkerImpl:
         return StepReport(self.worker_id, tuple(progress), len(chunks), frames, time.perf_counter() - t0, n_ckpt)
 
     def _store_chunk(self, chunk: Chunk) -> None:
-        from memory_store import ChunkRecord
-
-        self.memory.put(
-            ChunkRecord(
-                stream_id=chunk.stream_id,
-                chunk_index=chunk.chunk_index,
-                first_frame=chunk.first_frame,
-                num_frames=int(chunk.latents.shape[0]),
-                embedding=self.embedder.embed(chunk.latents),
-                latents=chunk.latents,
-                model_hash=self.gen.config_hash,
-            )
-        )
+        self.memory.publish(chunk)
 
     def shutdown(self) -> None:
         for h in self.streams.values():

@@ -35,7 +35,6 @@ def cli(capsys, *args):
         (["--checkpoint-every", "6", "--segment-chunks", "4"], "must divide"),
         (["--preset", "huge"], "unknown preset"),
         (["--memory", "bogus"], "invalid choice"),
-        (["--memory", "retrieval"], "not wired"),
         (["--streams", "abc"], "invalid int value"),
     ],
 )
