@@ -40,8 +40,14 @@ def connect(address: str | None, run: RunSpec, verbose: bool = False) -> None:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=verbose, runtime_env=env)
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(run.workers * run.worker_cpus))
-        ray.init(address="local", num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=verbose,
-                 runtime_env=env)
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            namespace=NAMESPACE,
+            include_dashboard=False,
+            log_to_driver=verbose,
+            runtime_env=env,
+        )
 
 
 def _get_progress(orch) -> RunProgress | None:
@@ -56,8 +62,7 @@ def drive(run: RunSpec, quiet: bool = False) -> int:
     orch = start_orchestrator(run.out_dir)
     targets = [e.target_chunks for e in run.streams]
     total = None if any(t is None for t in targets) else sum(targets)
-    bar = tqdm(total=total, unit="chunk", desc="longroll", disable=quiet or not sys.stderr.isatty(),
-               dynamic_ncols=True)
+    bar = tqdm(total=total, unit="chunk", desc="longroll", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
     t0, last_seen, p = time.monotonic(), time.monotonic(), None
     try:
         while True:
@@ -72,8 +77,11 @@ def drive(run: RunSpec, quiet: bool = False) -> int:
             bar.n = done
             states = [s.state for s in p.streams]
             bar.set_postfix(
-                running=states.count("running"), done=states.count("done"), workers=len(p.workers),
-                fps=f"{p.frames / max(time.time() - p.started_at, 1e-9):.1f}", refresh=False,
+                running=states.count("running"),
+                done=states.count("done"),
+                workers=len(p.workers),
+                fps=f"{p.frames / max(time.time() - p.started_at, 1e-9):.1f}",
+                refresh=False,
             )
             bar.refresh()
             if p.state in ("done", "stopped"):

@@ -20,19 +20,25 @@ def collect(out: str) -> dict:
     streams = []
     for e in spec.streams:
         m = spec.manifest(e.spec.stream_id) or {}
-        streams.append({
-            "stream_id": e.spec.stream_id,
-            "state": m.get("state", "pending"),
-            "chunks_done": m.get("chunks_done", 0),
-            "target_chunks": e.target_chunks,
-            "frames_done": m.get("frames_done", 0),
-            "fps": m.get("fps"),
-            "last_checkpoint": m.get("last_checkpoint"),
-            "segments": len(m.get("segments", [])),
-        })
+        streams.append(
+            {
+                "stream_id": e.spec.stream_id,
+                "state": m.get("state", "pending"),
+                "chunks_done": m.get("chunks_done", 0),
+                "target_chunks": e.target_chunks,
+                "frames_done": m.get("frames_done", 0),
+                "fps": m.get("fps"),
+                "last_checkpoint": m.get("last_checkpoint"),
+                "segments": len(m.get("segments", [])),
+            }
+        )
     stops = pending_stops(spec.out_dir)
-    return {"out": spec.out_dir, "state": spec.state, "streams": streams,
-            "stop_requested": "all" if stops is None else sorted(stops)}
+    return {
+        "out": spec.out_dir,
+        "state": spec.state,
+        "streams": streams,
+        "stop_requested": "all" if stops is None else sorted(stops),
+    }
 
 
 def run(args) -> int:
@@ -45,6 +51,8 @@ def run(args) -> int:
     for r in s["streams"]:
         target = "inf" if r["target_chunks"] is None else r["target_chunks"]
         ckpt = "-" if r["last_checkpoint"] is None else r["last_checkpoint"]
-        print(f"{r['stream_id']:<20} {r['state']:<9} {str(r['chunks_done']) + '/' + str(target):>13} "
-              f"{r['frames_done']:>8} {ckpt:>10} {r['segments']:>8}")
+        print(
+            f"{r['stream_id']:<20} {r['state']:<9} {str(r['chunks_done']) + '/' + str(target):>13} "
+            f"{r['frames_done']:>8} {ckpt:>10} {r['segments']:>8}"
+        )
     return 0

@@ -21,8 +21,11 @@ def register(sub) -> None:
     p = sub.add_parser("submit", help="submit `longroll run` as a Ray job; prints the job id")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HOST:8265")
     p.add_argument("--token", default=None, help="Ray auth token (default: RAY_AUTH_TOKEN or ~/.ray/auth_token)")
-    p.add_argument("--entrypoint-prefix", default="longroll",
-                   help="how the cluster runs longroll (default `longroll`; e.g. `python -m orchestrator.cli`)")
+    p.add_argument(
+        "--entrypoint-prefix",
+        default="longroll",
+        help="how the cluster runs longroll (default `longroll`; e.g. `python -m orchestrator.cli`)",
+    )
     _RUN_ACTIONS[:] = add_run_options(p)
     p.set_defaults(func=run)
 
@@ -51,8 +54,9 @@ def run(args) -> int:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(args.address, headers=headers)
-    entrypoint = shlex.join([*shlex.split(args.entrypoint_prefix), "run", "--address", "auto", "--quiet",
-                             *run_argv(args)])
+    entrypoint = shlex.join(
+        [*shlex.split(args.entrypoint_prefix), "run", "--address", "auto", "--quiet", *run_argv(args)]
+    )
     job_id = client.submit_job(entrypoint=entrypoint, metadata={"longroll_out": args.out})
     print(job_id)
     return 0
