@@ -34,6 +34,7 @@ class MemoryStoreConfig:
     nprobes: int = 20  # IVF partitions probed by an indexed LanceDB search
     refine_factor: int = 4  # an indexed search re-ranks k * refine_factor candidates exactly
     payload_cache_entries: int = 512  # LRU of decoded payloads per stream in the generator process
+    payload_readahead: int = 6  # on a payload miss, also read the next-ranked hits' payloads into the LRU
     hot_tier: bool = True  # search through an in-process embedding matrix (exact); False: LanceDB only
     hot_tier_device: str = "cpu"  # device of the hot tier's embedding matrix
     storage_options: dict[str, str] | None = field(default=None, repr=False)  # object-store credentials
@@ -47,7 +48,7 @@ class MemoryStoreConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
-        for name in ("commit_retries", "payload_cache_entries", "index_threshold_rows"):
+        for name in ("commit_retries", "payload_cache_entries", "payload_readahead", "index_threshold_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r} must be an int >= 0")

@@ -8,13 +8,11 @@ bandwidth (~9 ms on a 2-core EPYC). On CPU the tier therefore keeps an int8 copy
 row (64 MB) and searches in two stages, still exactly:
 
 1. approximate scores s~ = int8 mat-vec (``torch._weight_int8pack_mm``, bf16 out, ~2.7 ms at 1M);
-2. with a per-query bound |s~ - s| <= delta (int8 rounding + bf16 rounding, formula in ``_delta``),
-   every true top-k row has s~ >= A_k - 2*delta, A_k the k-th largest s~. Those candidates are found
-   through per-block maxima (1024 rows per block) and re-scored in float32; the top-k of the
-   re-scored candidates is the exact top-k.
-
-Proof of step 2: at least k rows have s~ >= A_k, so at least k rows have s >= A_k - delta, hence the
-k-th largest true score s_k >= A_k - delta; a top-k row has s~ >= s - delta >= s_k - delta >= A_k - 2*delta.
+2. with a per-query bound |s~ - s| <= delta (int8 rounding + bf16 rounding, formula in ``_delta``):
+   re-score the k rows with the largest s~ in float32; the smallest of those k exact scores, s_lb, is
+   at most the true k-th score s_k. Every true top-k row has s~ >= s - delta >= s_k - delta >=
+   s_lb - delta, so the rows with s~ >= s_lb - delta (found through per-block maxima, 1024 rows per
+   block) are re-scored in float32, and their top-k is the exact top-k.
 """
 
 from __future__ import annotations
@@ -67,6 +65,11 @@ class PayloadCache:
             self._d.move_to_end(chunk_index)
             self.hits += 1
             return value
+
+    def peek(self, chunk_index: int):
+        """Like :meth:`get` without touching recency or counters."""
+        with self._lock:
+            return self._d.get(chunk_index)
 
     def put(self, chunk_index: int, value) -> None:
         if self.capacity == 0:
@@ -308,12 +311,15 @@ class HotTier:
             approx = torch.nn.functional.pad(approx, (0, nb * _BLOCK - m), value=float("-inf"))
         blocks = approx.view(nb, _BLOCK)  # (m_pad,) -> (nb, BLOCK)
         block_max = blocks.amax(dim=1).float()
-        # the k largest approximate scores lie in the k blocks with the largest maxima
+        # The k best approximate scores lie in the k blocks with the largest maxima. Their exact scores
+        # give s_lb <= s_k (k rows score at least s_lb), so a top-k row has s~ >= s - delta >= s_lb - delta.
         top_blocks = torch.topk(block_max, min(k, nb)).indices
-        a_k = float(torch.topk(blocks[top_blocks].flatten().float(), k).values[-1])
-        thr = a_k - 2 * _delta(q, scale_max, self.dim)
+        _, i = torch.topk(blocks[top_blocks].flatten(), k)
+        first = top_blocks[i // _BLOCK] * _BLOCK + i % _BLOCK + lo  # absolute rows
+        s_lb = float((emb[first] @ q).min())
+        thr = s_lb - _delta(q, scale_max, self.dim)
         cand_blocks = torch.nonzero(block_max >= thr).flatten()
-        if len(cand_blocks) * _BLOCK > max(64 * _BLOCK, m // 4):  # near-ties everywhere: scan exactly
+        if len(cand_blocks) * _BLOCK > m // 4:  # near-ties everywhere: a full exact scan is as cheap
             rows, scores = self._topk_exact(q, k, emb[lo:hi], mask)
             return rows + lo, scores
         vals = blocks[cand_blocks].float()  # (nc, BLOCK)
