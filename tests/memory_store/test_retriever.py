@@ -210,3 +210,19 @@ def test_policy_ranges_drive_search(make_config):
         rng = longlive_rag_candidates(next_chunk=40, window_chunks=6, recent_exclude=4, sink_chunks=1)
         got = r.search_range("s", make_embedding("s", 38), 50, rng)
         assert sorted(c.chunk_index for c in got) == list(range(1, 30))
+
+
+def test_payload_miss_reads_ahead_into_the_lru(make_config):
+    cfg = make_config(payload_readahead=4)
+    write(cfg, "s", range(100))
+    with Retriever(cfg) as r:
+        q = make_embedding("s", 30)
+        got = r.search("s", q, 3, before_chunk=100)
+        tier = r._tiers["s"]
+        assert len(tier.payloads) == 3 + 4  # the 3 hits and the next 4 ranked
+        ranked = tier.topk(q, 7, 100).chunk_indices.tolist()
+        assert [c.chunk_index for c in got] == ranked[:3]
+        assert all(tier.payloads.peek(c) is not None for c in ranked)
+        misses = tier.payloads.misses
+        r.search("s", q, 7, before_chunk=100)  # everything cached: no store read, no new miss
+        assert tier.payloads.misses == misses
