@@ -33,6 +33,7 @@ log = structlog.get_logger(__name__)
 _BLOCK = 1024  # rows per block for the block-maximum candidate search
 _U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _INT8_OK: dict[int, bool] = {}  # embedding_dim -> int8 kernel passed its self-check on this machine
+MAX_CHUNK_INDEX = 2**28  # chunk index -> row is a dense int32 array (1 GB at most; ~580 days of 16 fps)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class HotTier:
         self._q8 = torch.empty(cap if self._int8 else 0, embedding_dim, dtype=torch.int8)
         self._scale = torch.empty(cap if self._int8 else 0, dtype=torch.bfloat16)
         self._chunks = np.empty(cap, dtype=np.int64)
-        self._row_of = np.full(cap, -1, dtype=np.int64)  # chunk index -> row
+        self._row_of = np.full(cap, -1, dtype=np.int32)  # chunk index -> row
         self._executor: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ building
@@ -189,8 +190,8 @@ class HotTier:
             raise ValueError(f"embeddings.shape={tuple(emb.shape)}, expected ({len(ci)}, {self.dim})")
         if len(ci) == 0:
             return
-        if ci.min() < 0 or ci.max() >= 2**40:
-            raise ValueError(f"chunk indices must lie in [0, 2**40), got [{ci.min()}, {ci.max()}]")
+        if ci.min() < 0 or ci.max() >= MAX_CHUNK_INDEX:
+            raise ValueError(f"chunk indices must lie in [0, {MAX_CHUNK_INDEX}), got [{ci.min()}, {ci.max()}]")
         if not torch.isfinite(emb).all():
             raise ValueError("embeddings have non-finite values")
         _, last = np.unique(ci[::-1], return_index=True)  # a repeated chunk index: the last row wins
@@ -200,7 +201,7 @@ class HotTier:
         q8, scale = _quantize(emb) if self._int8 else (None, None)
         with self._lock:
             self._ensure_row_of(int(ci.max()) + 1)
-            rows = self._row_of[ci]  # -1 for new chunks; a replaced chunk keeps its row (and its order)
+            rows = self._row_of[ci].astype(np.int64)  # -1: new chunk; a replaced chunk keeps its row
             new = rows < 0
             old_n = self._n
             self._ensure_capacity(old_n + int(new.sum()))
@@ -237,7 +238,7 @@ class HotTier:
 
     def _ensure_row_of(self, size: int) -> None:
         if size > len(self._row_of):
-            grown = np.full(max(size, 2 * len(self._row_of)), -1, dtype=np.int64)
+            grown = np.full(max(size, 2 * len(self._row_of)), -1, dtype=np.int32)
             grown[: len(self._row_of)] = self._row_of
             self._row_of = grown
 
@@ -277,7 +278,7 @@ class HotTier:
             lo, hi = 0, n
             outside = np.nonzero((chunks < lo_c) | (chunks >= hi_c))[0]
         ex = np.fromiter((c for c in exclude if lo_c <= c < hi_c and c < len(row_of)), dtype=np.int64)
-        ex_rows = row_of[ex] if len(ex) else ex
+        ex_rows = row_of[ex].astype(np.int64) if len(ex) else ex
         ex_rows = ex_rows[(ex_rows >= lo) & (ex_rows < hi)]
         masked = ex_rows if outside is None else np.union1d(outside, ex_rows)
         kk = min(k, hi - lo - len(masked))

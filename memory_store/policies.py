@@ -8,6 +8,7 @@ never worth retrieving.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 
@@ -27,7 +28,7 @@ class CandidateRange:
 
 def _check_non_negative(**values: int) -> None:
     for name, v in values.items():
-        if not isinstance(v, int) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
             raise ValueError(f"{name}={v!r} must be an int >= 0")
 
 

@@ -104,13 +104,13 @@ class Retriever:
         The payload is cached rounded to float16, exactly as it would be read back from the store.
         """
         sid = validate_stream_id(record.stream_id)
+        emb = np.asarray(record.embedding, dtype=np.float32)
+        if emb.shape != (self.config.embedding_dim,):
+            raise ValueError(f"{sid}[{record.chunk_index}]: embedding.shape={emb.shape}")
         with self._lock:
             tier = self._tiers.get(sid)
         if tier is None:
             tier = self.open_stream(sid, create=True)
-        emb = np.asarray(record.embedding, dtype=np.float32)
-        if emb.shape != (self.config.embedding_dim,):
-            raise ValueError(f"{sid}[{record.chunk_index}]: embedding.shape={emb.shape}")
         tier.append(int(record.chunk_index), emb)
         latents = record.latents.detach().to("cpu", torch.float16).to(torch.float32)
         tier.payloads.put(

@@ -134,6 +134,8 @@ def test_empty_and_degenerate_ranges():
         tier.append(11, np.ones(9, np.float32))
     with pytest.raises(ValueError, match="chunk indices"):
         tier.append(-1, np.ones(8, np.float32))
+    with pytest.raises(ValueError, match="chunk indices"):
+        tier.append(2**40, np.ones(8, np.float32))  # would need a huge chunk -> row table
 
 
 def test_prefetch_returns_the_same_result():

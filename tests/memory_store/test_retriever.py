@@ -187,6 +187,7 @@ def test_longlive_rag_candidates():
     assert len(longlive_rag_candidates(6, 4, 5)) == 0  # R larger than the evicted set
     assert len(longlive_rag_candidates(10, 4, 5, sink_chunks=2)) == 0
     assert len(longlive_rag_candidates(10, 0, 0)) == 10  # no window: everything
+    assert len(longlive_rag_candidates(np.int64(20), 4, 3)) == 13  # numpy integers are fine
     with pytest.raises(ValueError, match="recent_exclude=-1"):
         longlive_rag_candidates(10, 4, -1)
 
