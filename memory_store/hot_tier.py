@@ -105,6 +105,18 @@ def int8_kernel_ok(dim: int) -> bool:
     return _INT8_OK[dim]
 
 
+def _gather_blocks(approx: torch.Tensor, blocks: torch.Tensor, m: int) -> torch.Tensor:
+    """Float scores of the given 1024-row blocks of ``approx`` (m,) as (len(blocks), BLOCK); the part of a
+    partial last block past row m reads -inf."""
+    full = m // _BLOCK
+    view = approx[: full * _BLOCK].view(full, _BLOCK)  # (full*BLOCK,) -> (full, BLOCK)
+    if full * _BLOCK == m or not bool((blocks == full).any()):
+        return view[blocks].float()
+    tail = torch.full((1, _BLOCK), float("-inf"), dtype=approx.dtype)
+    tail[0, : m - full * _BLOCK] = approx[full * _BLOCK :]
+    return torch.cat([view, tail])[blocks].float()
+
+
 def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of x (N, E) -> int8 (N, E) and bf16 scales (N,) with |x - q8 * scale| <= scale / 2."""
     amax = x.abs().amax(dim=1).clamp_min(1e-30)
@@ -116,11 +128,12 @@ def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _delta(q: torch.Tensor, scale_max: float, dim: int) -> float:
     """Bound on |int8 score - float32 score| for unit rows and query ``q`` (float32, unit norm)."""
-    qb = q.to(torch.bfloat16).float()
+    qf = q.numpy().astype(np.float64)
+    qb = q.to(torch.bfloat16).float().numpy().astype(np.float64)  # the query the kernel sees
     x_norm = 1.0 + math.sqrt(dim) * scale_max / 2  # norm of a dequantized unit row, at most
-    e_quant = float(qb.abs().sum()) * scale_max / 2  # sum_j |qb_j| * |x_j - x~_j|
-    e_query = float((q - qb).norm()) * x_norm  # query rounded to bf16
-    bound = float(qb.norm()) * x_norm  # |s~| before output rounding
+    e_quant = float(np.abs(qb).sum()) * scale_max / 2  # sum_j |qb_j| * |x_j - x~_j|
+    e_query = float(np.linalg.norm(qf - qb)) * x_norm  # query rounded to bf16
+    bound = float(np.linalg.norm(qb)) * x_norm  # |s~| before output rounding
     e_out = _U_BF16 * bound + 2 * dim * 2.0**-24 * bound  # bf16 output + float32 accumulation
     return 1.25 * (e_quant + e_query + e_out) + 1e-6
 
@@ -307,24 +320,23 @@ class HotTier:
         approx = torch._weight_int8pack_mm(q.to(torch.bfloat16)[None], q8[lo:hi], scale[lo:hi])[0]  # (m,) bf16
         if mask is not None:
             approx[mask] = float("-inf")
-        nb = -(-m // _BLOCK)
-        if nb * _BLOCK != m:  # pad to whole blocks with -inf
-            approx = torch.nn.functional.pad(approx, (0, nb * _BLOCK - m), value=float("-inf"))
-        blocks = approx.view(nb, _BLOCK)  # (m_pad,) -> (nb, BLOCK)
-        block_max = blocks.amax(dim=1).float()
+        full = m // _BLOCK
+        block_max = approx[: full * _BLOCK].view(full, _BLOCK).amax(dim=1)  # (full*BLOCK,) -> (full,)
+        if full * _BLOCK < m:  # a partial last block
+            block_max = torch.cat([block_max, approx[full * _BLOCK :].amax()[None]])
+        block_max = block_max.float()
         # The k best approximate scores lie in the k blocks with the largest maxima. Their exact scores
         # give s_lb <= s_k (k rows score at least s_lb), so a top-k row has s~ >= s - delta >= s_lb - delta.
-        top_blocks = torch.topk(block_max, min(k, nb)).indices
-        _, i = torch.topk(blocks[top_blocks].flatten(), k)
-        first = top_blocks[i // _BLOCK] * _BLOCK + i % _BLOCK + lo  # absolute rows
+        top_blocks = torch.topk(block_max, min(k, len(block_max))).indices
+        i = torch.topk(_gather_blocks(approx, top_blocks, m).flatten(), k).indices
+        first = top_blocks[i // _BLOCK] * _BLOCK + i % _BLOCK + lo  # rows of the k best approximate scores
         s_lb = float((emb[first] @ q).min())
         thr = s_lb - _delta(q, scale_max, self.dim)
         cand_blocks = torch.nonzero(block_max >= thr).flatten()
         if len(cand_blocks) * _BLOCK > m // 4:  # near-ties everywhere: a full exact scan is as cheap
             rows, scores = self._topk_exact(q, k, emb[lo:hi], mask)
             return rows + lo, scores
-        vals = blocks[cand_blocks].float()  # (nc, BLOCK)
-        sel = torch.nonzero(vals >= thr)
+        sel = torch.nonzero(_gather_blocks(approx, cand_blocks, m) >= thr)  # (c, 2): (block, offset)
         rows = cand_blocks[sel[:, 0]] * _BLOCK + sel[:, 1] + lo  # candidate rows, absolute
         exact = emb[rows] @ q  # (c, E) @ (E,) -> (c,)
         v, i = torch.topk(exact, k)

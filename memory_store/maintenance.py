@@ -23,7 +23,7 @@ from memory_store.db import connect, open_chunk_table
 log = structlog.get_logger(__name__)
 
 _NEVER = timedelta(days=36500)  # "cleanup nothing" for optimize(); pruning is done separately, below
-_CLEANUP_MARGIN_S = 1.0  # cleanup spares versions up to this much older than the oldest protected one
+_CLEANUP_MARGIN_S = 1.0  # most that cleanup's age cutoff is set before the oldest protected version
 
 
 @dataclass
@@ -111,19 +111,28 @@ def _retry_conflicts(fn, attempts: int = 4):
 
 
 def _cleanup(table, keep_versions: int) -> int:
-    """Remove versions older than both the ``keep_versions``-th newest and the oldest tagged version."""
+    """Remove versions older than both the ``keep_versions``-th newest and the oldest tagged version.
+
+    LanceDB's cleanup takes an age, not a version: versions older than ``now - older_than`` go. The
+    age is computed here from the oldest protected version's timestamp, minus a margin for the time
+    between this clock reading and LanceDB's. The margin is at most half the gap to the version just
+    before, so that versions committed in quick succession (a compaction commits two) still go.
+    """
     versions = sorted(table.list_versions(), key=lambda v: v["version"])
     if len(versions) <= keep_versions:
         return 0
-    by_number = {v["version"]: v["timestamp"].timestamp() for v in versions}
+    ts = {v["version"]: v["timestamp"].timestamp() for v in versions}
     protected = [versions[-keep_versions]["version"]]
-    protected += [t["version"] for t in table.tags.list().values() if t["version"] in by_number]
-    oldest_kept = min(by_number[v] for v in protected)
-    older_than = time.time() - oldest_kept + _CLEANUP_MARGIN_S
-    # optimize() prunes after compacting; everything was just compacted, so the prune starts at once and
-    # the margin covers the delay between this clock reading and LanceDB's.
+    protected += [t["version"] for t in table.tags.list().values() if t["version"] in ts]
+    oldest = min(protected, key=lambda v: ts[v])
+    older = [v for v in ts if ts[v] < ts[oldest]]
+    if not older:
+        return 0
+    margin = min(_CLEANUP_MARGIN_S, (ts[oldest] - max(ts[v] for v in older)) / 2)
+    older_than = time.time() - ts[oldest] + margin
+    # optimize() prunes after compacting; everything was just compacted, so the prune starts at once.
     table.optimize(cleanup_older_than=timedelta(seconds=older_than))
-    return len(set(by_number) - {v["version"] for v in table.list_versions()})
+    return len(set(ts) - {v["version"] for v in table.list_versions()})
 
 
 class Maintainer:

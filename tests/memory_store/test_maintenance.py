@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -86,3 +87,22 @@ def test_vector_index_built_past_threshold(make_config):
     table.checkout_latest()
     ci = table.search().select(["chunk_index"]).to_arrow().column("chunk_index").to_numpy()
     assert np.array_equal(np.sort(ci), np.arange(800))
+
+
+def test_cleanup_frees_the_files_compaction_replaced(make_config):
+    """Regression: compaction commits two versions in quick succession; a cleanup cutoff a fixed second
+    before the newest kept version spared the first of them, which still referenced every pre-compaction
+    file, so the data directory stayed twice the live size."""
+    cfg = make_config(keep_versions=1)
+    shape = (2, 4, 16, 16)  # 2 KiB of float16 per chunk
+    with MemoryWriter(cfg) as w:
+        for i in range(300):
+            w.put(make_record("s", i, shape=shape))
+            if i % 10 == 9:
+                w.flush()  # 30 small commits, 30 fragments
+        time.sleep(1.2)  # the write versions become older than any cleanup margin
+        report = w.maintain("s")
+        assert not report.errors and report.fragments_after == 1, report
+    data = sum(f.stat().st_size for f in (Path(cfg.uri) / "chunks_s.lance" / "data").iterdir())
+    live = 300 * 2 * 4 * 16 * 16 * 2
+    assert live <= data < 1.3 * live, (data, live)
