@@ -15,6 +15,12 @@ from memory_store.writer import MemoryWriter
 from workers.config import ModelConfig
 from workers.types import Chunk
 
+CHECKPOINT_TAG = "ckpt-"
+
+
+def checkpoint_tag(chunk: int) -> str:
+    return f"{CHECKPOINT_TAG}{chunk:012d}"
+
 
 def default_embedder(cfg: ModelConfig) -> PooledProjectionEmbedder:
     """The deterministic embedder every process of a run uses (same seed, same embeddings)."""
@@ -70,6 +76,22 @@ class MemoryLink:
     def table_version(self, stream_id: str) -> int:
         """The stream's table version now (a checkpoint records it, to pin a resumed stream's reads)."""
         return self.writer.table_version(stream_id)
+
+    def pin_checkpoint(self, stream_id: str, chunk: int, kept_chunks: list[int]) -> int:
+        """Flush, tag the table version a checkpoint at ``chunk`` records (so version cleanup keeps it),
+        and drop the tags of checkpoints no longer kept. Returns the pinned version."""
+        version = self.writer.pin_version(stream_id, checkpoint_tag(chunk))
+        keep = {checkpoint_tag(c) for c in [*kept_chunks, chunk]}
+        for tag in self.checkpoint_tags(stream_id):
+            if tag not in keep:
+                self.writer.unpin_version(stream_id, tag)
+        return version
+
+    def checkpoint_tags(self, stream_id: str) -> list[str]:
+        from memory_store.db import connect, open_chunk_table
+
+        table = open_chunk_table(connect(self.config), stream_id, self.config.embedding_dim, create=True)
+        return sorted(t for t in table.tags.list() if t.startswith(CHECKPOINT_TAG))
 
     def close(self) -> None:
         try:

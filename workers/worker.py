@@ -159,9 +159,9 @@ class GeneratorWorkerImpl:
 
     def _checkpoint(self, h: _Held) -> None:
         extra = {}
-        if self.memory is not None:
-            self.memory.flush()
-            extra["memory_table_version"] = self.memory.table_version(h.state.stream_id)
+        if self.memory is not None:  # pin the version the checkpoint records, so cleanup keeps it
+            kept = h.checkpoints.chunks()[-(h.checkpoints.keep - 1) :] if h.checkpoints.keep > 1 else []
+            extra["memory_table_version"] = self.memory.pin_checkpoint(h.state.stream_id, h.state.next_chunk, kept)
         h.last_checkpoint = h.checkpoints.save(h.state, extra)
         log.info("checkpoint.saved", stream_id=h.state.stream_id, chunk_index=h.last_checkpoint, **extra)
 
