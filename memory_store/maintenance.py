@@ -70,9 +70,15 @@ def maintain_table(
     rep = MaintenanceReport(stream_id)
     try:
         table.checkout_latest()
-        rep.fragments_before = table.stats()["fragment_stats"]["num_fragments"]
-        _retry_conflicts(lambda: table.optimize(cleanup_older_than=_NEVER))  # compaction + index update
-        rep.fragments_after = table.stats()["fragment_stats"]["num_fragments"]
+        rep.fragments_before = rep.fragments_after = _fragments(table)
+        # Compact until stable (one pass can leave fragments a second pass merges): the prune below is
+        # an optimize() too, and must find nothing left to rewrite, or its new version would keep the
+        # files of the one it replaces alive.
+        for _ in range(3):
+            _retry_conflicts(lambda: table.optimize(cleanup_older_than=_NEVER))  # compaction + index update
+            before, rep.fragments_after = rep.fragments_after, _fragments(table)
+            if rep.fragments_after >= before or rep.fragments_after <= 1:
+                break
     except Exception as e:  # still conflicting: the next pass tries again
         rep.errors.append(f"compaction: {e}")
     try:
@@ -97,6 +103,10 @@ def maintain_table(
     if rep.errors:
         log.warning("maintenance_incomplete", stream_id=stream_id, errors=rep.errors)
     return rep
+
+
+def _fragments(table) -> int:
+    return table.stats()["fragment_stats"]["num_fragments"]
 
 
 def _retry_conflicts(fn, attempts: int = 4):
@@ -130,7 +140,7 @@ def _cleanup(table, keep_versions: int) -> int:
         return 0
     margin = min(_CLEANUP_MARGIN_S, (ts[oldest] - max(ts[v] for v in older)) / 2)
     older_than = time.time() - ts[oldest] + margin
-    # optimize() prunes after compacting; everything was just compacted, so the prune starts at once.
+    # optimize() prunes after compacting; maintain_table compacted until stable, so it only prunes.
     table.optimize(cleanup_older_than=timedelta(seconds=older_than))
     return len(set(ts) - {v["version"] for v in table.list_versions()})
 
