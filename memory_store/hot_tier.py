@@ -368,7 +368,7 @@ class HotTier:
         tier = cls(
             config.embedding_dim,
             device or config.hot_tier_device,
-            capacity_hint=max(4096, 2 * len(ci)),
+            capacity_hint=len(ci) + max(4096, len(ci) // 4),  # headroom for the rollout to come
             payload_cache_entries=config.payload_cache_entries,
             quantize_min_rows=quantize_min_rows,
         )
