@@ -370,7 +370,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1k and 10k rows only, fewer queries")
     p.add_argument("--sizes", default=None, help="comma-separated history sizes")
-    p.add_argument("--queries", type=int, default=None)
+    p.add_argument("--queries", type=int, default=None, help="queries per LanceDB-path measurement")
+    p.add_argument("--hot-queries", type=int, default=None, help="queries per hot-tier measurement")
     p.add_argument("--chunk-ms", type=float, default=None, help="synthetic chunk time instead of the generator")
     p.add_argument("--dir", default=None, help="where to build the databases (default: a temp dir, removed)")
     args = p.parse_args()
@@ -388,7 +389,7 @@ def main() -> None:
         f"{torch.__version__}, {torch.get_num_threads()} threads; load avg {os.getloadavg()[0]:.2f}"
     )
     try:
-        bench_hot(sizes, n_queries)
+        bench_hot(sizes, args.hot_queries or (200 if args.quick else 1000))
         largest = bench_lancedb(sizes, n_queries, root)
         bench_writes(root, 1000 if args.quick else 5000)
         bench_commit_at_scale(largest, sizes[-1])
