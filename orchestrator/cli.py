@@ -18,7 +18,7 @@ from orchestrator import stop as stop_cmd
 from orchestrator import submit as submit_cmd
 from orchestrator import train_embedder as train_embedder_cmd
 from orchestrator.cli_common import Parser, UsageError
-from orchestrator.logs import configure_logging
+from workers.logs import configure_logging
 
 COMMANDS = [generate, plan, run_cmd, submit_cmd, status_cmd, stop_cmd, resume_cmd, export_cmd, train_embedder_cmd]
 

@@ -8,9 +8,7 @@ so regenerating a chunk replaces rather than duplicates. The orchestrator decide
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,29 +19,13 @@ import torch
 
 from workers.checkpoints import CheckpointStore
 from workers.config import ModelConfig
+from workers.logs import configure_logging
 from workers.messages import Assigned, StepReport, StreamAssignment, StreamProgress, WorkerInfo, WorkerSettings
 from workers.output import StreamOutput
 from workers.state import StreamState
 from workers.types import Chunk
 
 log = structlog.get_logger(__name__)
-
-
-def configure_worker_logging(fmt: str, level: str) -> None:
-    """structlog JSON lines on stderr (Ray forwards them to the driver and the worker log files)."""
-    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
 
 
 class StubGenerator:
@@ -82,7 +64,7 @@ class GeneratorWorkerImpl:
     """The actor's body (plain class so tests and benchmarks can also run it in-process)."""
 
     def __init__(self, worker_id: str, settings: WorkerSettings):
-        configure_worker_logging(settings.log_format, settings.log_level)
+        configure_logging(settings.log_format, settings.log_level)
         torch.set_num_threads(settings.threads)
         self.worker_id, self.s = worker_id, settings
         self.cfg = ModelConfig.from_dict(settings.model)

@@ -1,4 +1,4 @@
-"""structlog setup for entry points. Libraries only call ``structlog.get_logger(__name__)``."""
+"""structlog setup for entry points (the CLI, Ray actors). Libraries only call ``structlog.get_logger(__name__)``."""
 
 from __future__ import annotations
 
