@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ops import dispatch
-from tests.kernels.util import DEVICE, RMS_TOL, check, rms_rel
+from tests.kernels.util import DEVICE, RMS_TOL, assert_matches_reference, rms_rel
 
 SCALE = 192**-0.5
 
@@ -42,19 +42,28 @@ def test_latent_context_triton_equals_reference():
     with dispatch.use_backend("triton"):
         out = dispatch.latent_context(q, qr, c, r, SCALE, k_valid=valid, ckv_new=cn, k_rope_new=rn)
     assert out[0].shape == (48, 4, 32) and out[1].shape == (48, 4)
-    check("latent_context", *out, *expect, torch.float32)
+    assert_matches_reference("latent_context", *out, *expect, torch.float32)
 
 
 @pytest.mark.parametrize("head_group", [1, 4])
 def test_sparse_latent_triton_equals_reference(head_group):
     q, qr, c, r, cn, rn = stream(s_ctx=260, seed=head_group)
-    kw = dict(top_k=3, block_size=32, q_group=16, head_group=head_group, window_start=200, local_start=160,
-              sink_len=32, ckv_new=cn, k_rope_new=rn)
+    kw = dict(
+        top_k=3,
+        block_size=32,
+        q_group=16,
+        head_group=head_group,
+        window_start=200,
+        local_start=160,
+        sink_len=32,
+        ckv_new=cn,
+        k_rope_new=rn,
+    )
     with dispatch.use_backend("torch"):
         expect = dispatch.sparse_latent(q, qr, c, r, SCALE, **kw)
     with dispatch.use_backend("triton"):
         out = dispatch.sparse_latent(q, qr, c, r, SCALE, **kw)
-    check(f"sparse_latent head_group={head_group}", *out, *expect, torch.float32)
+    assert_matches_reference(f"sparse_latent head_group={head_group}", *out, *expect, torch.float32)
 
 
 def test_generator_triton_path_equals_torch_path():
@@ -71,6 +80,8 @@ def test_generator_triton_path_equals_torch_path():
             state = gen.new_stream(StreamSpec("s", seed=3))
             latents[backend] = torch.cat([gen.step([state])[0].latents for _ in range(3)])
     err = rms_rel(latents["triton"], latents["torch"])
-    print(f"generator, 3 chunks, triton vs torch path: rms-rel {err:.2e}, "
-          f"max-abs {(latents['triton'] - latents['torch']).abs().max():.2e}")
+    print(
+        f"generator, 3 chunks, triton vs torch path: rms-rel {err:.2e}, "
+        f"max-abs {(latents['triton'] - latents['torch']).abs().max():.2e}"
+    )
     assert err <= RMS_TOL[torch.float32]

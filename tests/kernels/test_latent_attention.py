@@ -10,7 +10,7 @@ import torch
 from kernels.latent_attention import latent_attention
 from ops.attention import mla_upprojected_ref
 from ops.latent_attention import latent_attention_varlen_ref
-from tests.kernels.util import DEVICE, as_fp32, check, latent_inputs
+from tests.kernels.util import DEVICE, as_fp32, assert_matches_reference, latent_inputs
 
 SCALE = 192**-0.5
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -34,14 +34,14 @@ def test_matches_reference(case, dtype):
     assert out.dtype == dtype and lse.dtype == torch.float32
     ref_args, ref_kw = as_fp32(args, kw)
     ref_out, ref_lse = latent_attention_varlen_ref(*ref_args, SCALE, **ref_kw)
-    check(case, out, lse, ref_out, ref_lse, dtype)
+    assert_matches_reference(case, out, lse, ref_out, ref_lse, dtype)
 
 
 def test_default_tiles_match_reference():
     args, kw = latent_inputs(1, 70, 3, 160, 64, 200, 9, torch.bfloat16, holes=0.2)
     ref_args, ref_kw = as_fp32(args, kw)
     ref = latent_attention_varlen_ref(*ref_args, SCALE, **ref_kw)
-    check("default tiles", *latent_attention(*args, SCALE, **kw), *ref, torch.bfloat16)
+    assert_matches_reference("default tiles", *latent_attention(*args, SCALE, **kw), *ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("how", ["mask", "k_len-zero", "empty-context"])
@@ -60,7 +60,9 @@ def test_nan_past_k_len_is_never_read():
     args, kw = latent_inputs(2, 9, 2, 160, 64, 90, 4, torch.float32, lens=[33, 64])
     assert torch.isnan(args[2][0, 33:]).all() and kw["k_valid"] is None
     out, lse = latent_attention(*args, SCALE, **kw, block_m=16, block_n=32)
-    check("nan past k_len", out, lse, *latent_attention_varlen_ref(*args, SCALE, **kw), torch.float32)
+    assert_matches_reference(
+        "nan past k_len", out, lse, *latent_attention_varlen_ref(*args, SCALE, **kw), torch.float32
+    )
 
 
 def test_composes_into_full_mla_output():
@@ -75,10 +77,18 @@ def test_composes_into_full_mla_output():
     expect, expect_lse = mla_upprojected_ref(q_nope, q_rope, ckv, k_rope, w_uk, w_uv, k_valid=valid)
     q_lat = torch.einsum("bqhn,hnc->bqhc", q_nope, w_uk)  # (B, S_q, H, d_nope) -> (B, S_q, H, d_c)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    o_lat, lse = latent_attention(dev(q_lat), dev(q_rope), dev(ckv), dev(k_rope), (d_nope + d_r) ** -0.5,
-                                  k_valid=dev(valid), block_m=32, block_n=16)
+    o_lat, lse = latent_attention(
+        dev(q_lat),
+        dev(q_rope),
+        dev(ckv),
+        dev(k_rope),
+        (d_nope + d_r) ** -0.5,
+        k_valid=dev(valid),
+        block_m=32,
+        block_n=16,
+    )
     out = torch.einsum("bqhc,hvc->bqhv", o_lat.cpu(), w_uv)
-    check("kernel + W_UV vs up-projected MLA", out, lse, expect, expect_lse, torch.float32)
+    assert_matches_reference("kernel + W_UV vs up-projected MLA", out, lse, expect, expect_lse, torch.float32)
 
 
 def _bad_calls():

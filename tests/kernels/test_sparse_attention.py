@@ -10,7 +10,7 @@ import torch
 from kernels.sparse_attention import sparse_latent_attention
 from ops.latent_attention import latent_attention_varlen_ref
 from ops.sparse_attention import SENTINEL, select_blocks, sparse_latent_attention_ref
-from tests.kernels.util import DEVICE, as_fp32, check, latent_inputs
+from tests.kernels.util import DEVICE, as_fp32, assert_matches_reference, latent_inputs
 
 SCALE = 192**-0.5
 
@@ -52,7 +52,7 @@ def test_matches_reference(case, dtype):
     out, lse = sparse_latent_attention(*args, SCALE, idx, cnt, block_size=bs, q_group=q_group, **kw, block_m=32)
     ref_args, ref_kw = as_fp32(args, kw)
     ref = sparse_latent_attention_ref(*ref_args, SCALE, idx, cnt, block_size=bs, q_group=q_group, **ref_kw)
-    check(case, out, lse, *ref, dtype)
+    assert_matches_reference(case, out, lse, *ref, dtype)
 
 
 def test_every_block_selected_equals_dense_attention():
@@ -62,10 +62,10 @@ def test_every_block_selected_equals_dense_attention():
     cnt = torch.full((2, 3, 3), n_blocks, dtype=torch.int32)
     dense = latent_attention_varlen_ref(*args, SCALE, **kw)
     sparse_ref = sparse_latent_attention_ref(*args, SCALE, idx, cnt, block_size=32, q_group=11, **kw)
-    check("sparse ref, all blocks, vs dense ref", *sparse_ref, *dense, torch.float32)
+    assert_matches_reference("sparse ref, all blocks, vs dense ref", *sparse_ref, *dense, torch.float32)
     kw["window_start"] = torch.tensor([120, 40])  # the window overlaps selected blocks: counted once
     out = sparse_latent_attention(*args, SCALE, idx.to(DEVICE), cnt.to(DEVICE), block_size=32, q_group=11, **kw)
-    check("sparse kernel, all blocks + window, vs dense ref", *out, *dense, torch.float32)
+    assert_matches_reference("sparse kernel, all blocks + window, vs dense ref", *out, *dense, torch.float32)
 
 
 def test_default_launch_matches_reference():
@@ -73,8 +73,12 @@ def test_default_launch_matches_reference():
     idx, cnt = random_table(1, 12, 1, 2, 4, seed=1)
     out = sparse_latent_attention(*args, SCALE, idx, cnt, block_size=64, q_group=70, **kw)
     ref_args, ref_kw = as_fp32(args, kw)
-    check("default launch", *out, *sparse_latent_attention_ref(*ref_args, SCALE, idx, cnt, block_size=64,
-                                                                 q_group=70, **ref_kw), torch.bfloat16)
+    assert_matches_reference(
+        "default launch",
+        *out,
+        *sparse_latent_attention_ref(*ref_args, SCALE, idx, cnt, block_size=64, q_group=70, **ref_kw),
+        torch.bfloat16,
+    )
 
 
 def test_nothing_attended_gives_zero_and_minus_inf():
@@ -110,7 +114,7 @@ def planted(s_ctx=256, block=16, heads=2, s_q=8, targets=(3, 9), d_c=32, d_r=16,
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(d_c + d_r, generator=g)
     u /= u.norm()
-    q = (4 * u + 0.1 * torch.randn(1, s_q, heads, d_c + d_r, generator=g))
+    q = 4 * u + 0.1 * torch.randn(1, s_q, heads, d_c + d_r, generator=g)
     keys = 0.1 * torch.randn(1, s_ctx, d_c + d_r, generator=g)
     for t in targets:
         keys[0, t * block : (t + 1) * block] += 3 * u
@@ -149,8 +153,9 @@ def test_adaptive_window_exclusion():
     # short history: only blocks 0, 1 are long-range (< top_k) -> local blocks stay candidates
     valid = torch.ones(1, 256, dtype=torch.bool)
     valid[0, 32:128] = False
-    idx, cnt = select_blocks(q, qr, c, r, top_k=3, block_size=16, q_group=8, window_start=win,
-                             local_start=local, k_valid=valid)
+    idx, cnt = select_blocks(
+        q, qr, c, r, top_k=3, block_size=16, q_group=8, window_start=win, local_start=local, k_valid=valid
+    )
     print("short history", idx[0, :, 0].tolist())
     assert (cnt == 3).all() and set(idx[0, 0, 0].tolist()) >= {9, 10}
     # blocks inside the always-on window are never selected
@@ -174,9 +179,21 @@ def test_sink_blocks_always_selected_and_groups_follow_their_queries():
 def test_selection_then_kernel_end_to_end():
     args, kw = latent_inputs(1, 45, 6, 160, 64, 320, 15, torch.bfloat16, holes=0.1, seed=5)
     kw["window_start"] = torch.tensor([256], device=DEVICE)
-    idx, cnt = select_blocks(*args, top_k=3, block_size=32, q_group=15, head_group=3, k_valid=kw["k_valid"],
-                             window_start=kw["window_start"], sink_len=32)
+    idx, cnt = select_blocks(
+        *args,
+        top_k=3,
+        block_size=32,
+        q_group=15,
+        head_group=3,
+        k_valid=kw["k_valid"],
+        window_start=kw["window_start"],
+        sink_len=32,
+    )
     out = sparse_latent_attention(*args, SCALE, idx, cnt, block_size=32, q_group=15, **kw)
     ref_args, ref_kw = as_fp32(args, kw)
-    check("select + kernel", *out, *sparse_latent_attention_ref(*ref_args, SCALE, idx, cnt, block_size=32,
-                                                                 q_group=15, **ref_kw), torch.bfloat16)
+    assert_matches_reference(
+        "select + kernel",
+        *out,
+        *sparse_latent_attention_ref(*ref_args, SCALE, idx, cnt, block_size=32, q_group=15, **ref_kw),
+        torch.bfloat16,
+    )

@@ -20,7 +20,7 @@ def rms_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
-def check(name: str, out, lse, ref_out, ref_lse, dtype: torch.dtype) -> None:
+def assert_matches_reference(name: str, out, lse, ref_out, ref_lse, dtype: torch.dtype) -> None:
     """Compare (out, lse) with the reference; print the diff whether or not it passes."""
     out, lse = out.float().cpu(), lse.float().cpu()
     ref_out, ref_lse = ref_out.float().cpu(), ref_lse.float().cpu()
@@ -29,8 +29,10 @@ def check(name: str, out, lse, ref_out, ref_lse, dtype: torch.dtype) -> None:
     max_abs = float((out - ref_out).abs().max()) if out.numel() else 0.0
     finite = torch.isfinite(ref_lse)
     lse_err = float((lse[finite] - ref_lse[finite]).abs().max()) if finite.any() else 0.0
-    print(f"{name} [{dtype}]: out rms-rel {err:.2e} (tol {RMS_TOL[dtype]:.0e}) max-abs {max_abs:.2e}; "
-          f"lse max-abs {lse_err:.2e} (tol {LSE_TOL[dtype]:.0e}); {int((~finite).sum())} empty rows")
+    print(
+        f"{name} [{dtype}]: out rms-rel {err:.2e} (tol {RMS_TOL[dtype]:.0e}) max-abs {max_abs:.2e}; "
+        f"lse max-abs {lse_err:.2e} (tol {LSE_TOL[dtype]:.0e}); {int((~finite).sum())} empty rows"
+    )
     assert torch.isfinite(out).all(), "NaN/inf in the kernel output"
     assert err <= RMS_TOL[dtype], f"{name}: out rms-rel {err:.3e} > {RMS_TOL[dtype]:.0e} (max-abs {max_abs:.3e})"
     assert lse_err <= LSE_TOL[dtype], f"{name}: lse max-abs {lse_err:.3e} > {LSE_TOL[dtype]:.0e}"
