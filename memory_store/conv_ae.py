@@ -7,7 +7,7 @@ Consecutive frames are nearly identical, so a plain autoencoder maps them to nea
 and retrieval keeps returning the chunk next to the window; the hinge removes that redundancy and makes
 the embedding carry what changed, while the reconstruction term keeps it faithful to the content.
 
-Weights are saved as safetensors and the architecture as JSON: nothing is pickled.
+Weights are saved as safetensors and the architecture as JSON: no format that can execute code on load.
 """
 
 from __future__ import annotations
