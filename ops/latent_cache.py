@@ -116,6 +116,7 @@ class AppendPlan:
     frames: list[int]  # absolute frame indices being appended
     slots: list[int]  # slot frame of each
     evicted: list[int] = field(default_factory=list)  # absolute indices of frames overwritten
+    evicted_slots: list[int] = field(default_factory=list)  # the slot each evicted frame held
 
 
 class LatentKVCache:
@@ -172,6 +173,7 @@ class LatentKVCache:
             old = int(self.frame_index[slot])
             if old >= 0:
                 plan.evicted.append(old)
+                plan.evicted_slots.append(slot)
             plan.slots.append(slot)
             pos += 1
         return plan

@@ -262,8 +262,7 @@ class Generator:
         for s, ctx in zip(states, ctxs):
             ctx.plan = s.cache.plan_append(self._chunk_frames(s).tolist())
             if self.cfg.memory == "sparse" and ctx.plan.evicted:
-                slots = [int(torch.nonzero(s.cache.frame_index == f)[0]) for f in ctx.plan.evicted]
-                spill.append((s, ctx.plan.evicted, s.cache.export_slots(slots)))
+                spill.append((s, ctx.plan.evicted, s.cache.export_slots(ctx.plan.evicted_slots)))
         self.model(x, torch.zeros(b, device=self.device), cond, actions, ctxs, need_output=False)
 
         for s, ctx in zip(states, ctxs):

@@ -77,15 +77,17 @@ class MemoryLink:
         """The stream's table version now (a checkpoint records it, to pin a resumed stream's reads)."""
         return self.writer.table_version(stream_id)
 
-    def pin_checkpoint(self, stream_id: str, chunk: int, kept_chunks: list[int]) -> int:
-        """Flush, tag the table version a checkpoint at ``chunk`` records (so version cleanup keeps it),
-        and drop the tags of checkpoints no longer kept. Returns the pinned version."""
-        version = self.writer.pin_version(stream_id, checkpoint_tag(chunk))
-        keep = {checkpoint_tag(c) for c in [*kept_chunks, chunk]}
+    def pin_checkpoint(self, stream_id: str, chunk: int) -> int:
+        """Flush and tag the table version a checkpoint at ``chunk`` records, so version cleanup keeps
+        it. Returns the pinned version."""
+        return self.writer.pin_version(stream_id, checkpoint_tag(chunk))
+
+    def release_checkpoints(self, stream_id: str, kept_chunks: list[int]) -> None:
+        """Drop the tags of checkpoints that are no longer kept."""
+        keep = {checkpoint_tag(c) for c in kept_chunks}
         for tag in self.checkpoint_tags(stream_id):
             if tag not in keep:
                 self.writer.unpin_version(stream_id, tag)
-        return version
 
     def checkpoint_tags(self, stream_id: str) -> list[str]:
         from memory_store.db import connect, open_chunk_table

@@ -142,9 +142,10 @@ class GeneratorWorkerImpl:
     def _checkpoint(self, h: _Held) -> None:
         extra = {}
         if self.memory is not None:  # pin the version the checkpoint records, so cleanup keeps it
-            kept = h.checkpoints.chunks()[-(h.checkpoints.keep - 1) :] if h.checkpoints.keep > 1 else []
-            extra["memory_table_version"] = self.memory.pin_checkpoint(h.state.stream_id, h.state.next_chunk, kept)
+            extra["memory_table_version"] = self.memory.pin_checkpoint(h.state.stream_id, h.state.next_chunk)
         h.last_checkpoint = h.checkpoints.save(h.state, extra)
+        if self.memory is not None:  # checkpoints pruned by save() no longer need their versions
+            self.memory.release_checkpoints(h.state.stream_id, h.checkpoints.chunks())
         log.info("checkpoint.saved", stream_id=h.state.stream_id, chunk_index=h.last_checkpoint, **extra)
 
     def release(self, stream_ids: list[str], state: str = "released") -> list[StreamProgress]:

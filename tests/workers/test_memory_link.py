@@ -21,8 +21,9 @@ def test_checkpoint_pins_survive_cleanup_and_stale_pins_go(tmp_path):
         for _ in range(3):
             for _ in range(3):
                 link.publish(gen.step([st])[0])
-            versions[st.next_chunk] = link.pin_checkpoint("p1", st.next_chunk, kept[-1:])
-            kept.append(st.next_chunk)
+            versions[st.next_chunk] = link.pin_checkpoint("p1", st.next_chunk)
+            kept = [*kept, st.next_chunk][-2:]  # a checkpoint store keeping the newest 2
+            link.release_checkpoints("p1", kept)
         assert link.checkpoint_tags("p1") == [checkpoint_tag(6), checkpoint_tag(9)]
         for _ in range(3):
             link.publish(gen.step([st])[0])
