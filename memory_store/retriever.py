@@ -118,6 +118,12 @@ class Retriever:
             StoredChunk(int(record.chunk_index), int(record.first_frame), int(record.num_frames), latents),
         )
 
+    def stream_rows(self, stream_id: str) -> int:
+        """Chunks of the stream searchable in this process's hot tier (0 if it was never opened)."""
+        with self._lock:
+            tier = self._tiers.get(stream_id)
+        return len(tier) if tier is not None else 0
+
     def _new_tier(self) -> HotTier:
         return HotTier(
             self.config.embedding_dim,

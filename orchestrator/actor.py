@@ -26,7 +26,17 @@ import ray
 import structlog
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from orchestrator.registry import FINAL_STATES, NAMESPACE, RunSpec, actor_name, clear_stops, pending_stops
+from orchestrator.metrics import RunMetrics
+from orchestrator.registry import (
+    FINAL_STATES,
+    NAMESPACE,
+    RunSpec,
+    actor_name,
+    clear_stops,
+    pending_stops,
+    request_stop,
+)
+from orchestrator.telemetry import StreamTelemetry
 from workers.messages import (
     Recovery,
     RunProgress,
@@ -44,6 +54,19 @@ STARTUP_WAIT_S = 60.0  # at start, wait this long for every worker before assign
 NODE_CHECK_S = 1.0  # how often node membership is checked
 CALL_TIMEOUT_S = 120.0  # assign / release calls
 MAX_STEP_FAILURES = 3  # a stream whose steps raised this many times is marked failed
+CONTROL_TIMEOUT_S = 60.0  # how long a pause/resume/stop request waits to be carried out
+GAUGE_EVERY_S = 1.0  # how often state and checkpoint-age gauges are refreshed
+
+
+class ControlError(ValueError):
+    """A pause/resume/stop that the stream's state does not allow (HTTP 409)."""
+
+
+@dataclass
+class _Control:
+    stream_id: str
+    action: str  # pause | resume
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -69,7 +92,7 @@ class OrchestratorImpl:
         for sid in self.entries:
             m = self.run.manifest(sid) or {}
             st = m.get("state", "pending")
-            self.state[sid] = st if st in FINAL_STATES else "pending"
+            self.state[sid] = st if st in FINAL_STATES or st == "paused" else "pending"
             self.next_chunk[sid] = int(m.get("chunks_done", 0))
             self.last_ckpt[sid] = m.get("last_checkpoint")
         self.assigned: dict[str, str] = {}
@@ -87,11 +110,20 @@ class OrchestratorImpl:
         self.error: str | None = None
         self.finished = False
         self._next_node_check = 0.0
+        self._controls: list[_Control] = []  # pause/resume requests, carried out by the loop
+        self.telemetry = {sid: StreamTelemetry() for sid in self.entries}
+        for sid, ckpt in self.last_ckpt.items():
+            self.telemetry[sid].saw_checkpoint(ckpt, self._manifest_time(sid))
+        self.metrics = RunMetrics(Path(self.run.out_dir).name)
+        self._next_gauges = 0.0
+        self.dashboard = None
         self._use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         self._event(
             "orchestrator.start", incarnation=self.incarnation, pending=sum(s == "pending" for s in self.state.values())
         )
         self._thread = None
+        if self.run.dashboard_port is not None:
+            self._start_dashboard()
         if start_loop:
             self._thread = threading.Thread(target=self._loop, name="orchestrator-loop", daemon=True)
             self._thread.start()
@@ -126,12 +158,50 @@ class OrchestratorImpl:
                 self.control_s,
                 tuple(self.recoveries),
                 self.error,
+                self.dashboard.url if self.dashboard is not None else None,
             )
 
     def stop(self, stream_ids: list[str] | None = None) -> None:
-        from orchestrator.registry import request_stop
-
         request_stop(self.run.out_dir, stream_ids)
+
+    def control(self, stream_id: str, action: str, timeout: float = CONTROL_TIMEOUT_S) -> str:
+        """Pause, resume or stop one stream and wait until it is done; returns the stream's new state.
+
+        A paused stream is checkpointed and released by its worker (it holds no resources) and stays
+        paused across orchestrator restarts; resuming reloads it from that checkpoint, so it goes on
+        with the frames it would have produced uninterrupted. Stopped or failed streams may be resumed
+        while the run lives. Raises KeyError (unknown stream), ControlError (not allowed in its
+        state), TimeoutError.
+        """
+        if action not in ("pause", "resume", "stop"):
+            raise ValueError(f"unknown action {action!r}")
+        with self.lock:
+            st = self.state[stream_id]  # KeyError: unknown stream
+            already = {"pause": ("paused",), "resume": ("pending", "running"), "stop": ("stopped",)}[action]
+            allowed = {"pause": ("pending", "running"), "resume": ("paused", "stopped", "failed")}
+            if st in already:
+                return st  # idempotent
+            if st in ("done", "failed") if action == "stop" else st not in allowed[action]:
+                raise ControlError(f"cannot {action} stream {stream_id}: it is {st}")
+            if self.finished:
+                raise ControlError(f"cannot {action} stream {stream_id}: the run is {self.run.state}")
+            req = None
+            if action != "stop":
+                req = _Control(stream_id, action)
+                self._controls.append(req)
+        if action == "stop":
+            request_stop(self.run.out_dir, [stream_id])
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with self.lock:
+                    if self.state[stream_id] in FINAL_STATES:
+                        return self.state[stream_id]
+                time.sleep(0.05)
+            raise TimeoutError(f"stream {stream_id} did not stop within {timeout:.0f} s")
+        if not req.done.wait(timeout):
+            raise TimeoutError(f"stream {stream_id} did not {action} within {timeout:.0f} s")
+        with self.lock:
+            return self.state[stream_id]
 
     def ping(self) -> str:
         return self.incarnation
@@ -140,6 +210,9 @@ class OrchestratorImpl:
     def _event(self, name: str, **kw) -> None:
         """structlog + a durable line in DIR/events.jsonl (what `status` and tests read)."""
         log.info(name, **kw)
+        sid = kw.get("stream_id")
+        if sid in getattr(self, "telemetry", {}):
+            self.telemetry[sid].add_log(name, {k: v for k, v in kw.items() if k != "stream_id"})
         with contextlib.suppress(OSError), open(Path(self.run.out_dir) / "events.jsonl", "a") as f:
             f.write(json.dumps({"event": name, "time": time.time(), **kw}, default=str) + "\n")
 
@@ -159,7 +232,9 @@ class OrchestratorImpl:
             self._ensure_workers()
             self._check_nodes()
             self._handle_stops()
+            self._handle_controls()
             self._assign_pending()
+            self._refresh_gauges()
             if self._all_final():
                 self._finish()
                 return
@@ -248,6 +323,7 @@ class OrchestratorImpl:
                 self.state[sid] = "pending"
                 self._awaiting[sid] = idx
         self._event("worker.lost", worker_id=w.id, node_id=node, reason=reason, streams=list(streams))
+        self.metrics.on_recovery(reason.split(":")[0])
 
     def _step_failed(self, w: _Worker, err: Exception) -> None:
         """A step raised. The worker is replaced and its streams reload from their checkpoints, like
@@ -339,11 +415,13 @@ class OrchestratorImpl:
     def _on_report(self, w: _Worker, r: StepReport) -> None:
         self.chunks += r.chunks
         self.frames += r.frames
+        now = time.time()
         for p in r.streams:
             sid = p.stream_id
             if self.assigned.get(sid) != w.id:
                 continue  # moved or stopped meanwhile
             self.next_chunk[sid], self.last_ckpt[sid] = p.next_chunk, p.last_checkpoint
+            self.telemetry[sid].on_progress(p, r.seconds, now)
             if sid in self._awaiting:
                 idx = self._awaiting.pop(sid)
                 rec = self.recoveries[idx]
@@ -355,38 +433,90 @@ class OrchestratorImpl:
                 self.assigned.pop(sid, None)
                 w.streams.discard(sid)
                 self._event("stream.done", stream_id=sid, chunk_index=p.next_chunk - 1)
+        self.metrics.on_report(r, {p.stream_id: self.telemetry[p.stream_id].fps(now) for p in r.streams})
 
     def _handle_stops(self) -> None:
         stops = pending_stops(self.run.out_dir)
         if stops is not None and not stops:
             return
         targets = [s for s in self.entries if (stops is None or s in stops) and self.state[s] not in FINAL_STATES]
-        by_worker: dict[str, list[str]] = {}
+        self._release_streams(targets, "stopped")
         for sid in targets:
+            self._awaiting.pop(sid, None)
+            self._event("stream.stopped", stream_id=sid)
+        clear_stops(self.run.out_dir, None if stops is None else sorted(stops))
+
+    def _handle_controls(self) -> None:
+        """Carry out pause/resume requests (see :meth:`control`)."""
+        requests, self._controls = self._controls, []
+        pause = [
+            r.stream_id for r in requests if r.action == "pause" and self.state[r.stream_id] in ("pending", "running")
+        ]
+        self._release_streams(pause, "paused")
+        for sid in pause:
+            self._awaiting.pop(sid, None)
+            self._event("stream.paused", stream_id=sid, chunk_index=self.next_chunk[sid])
+        for r in requests:
+            sid = r.stream_id
+            if r.action == "resume" and self.state[sid] in ("paused", "stopped", "failed"):
+                self.state[sid] = "pending"
+                self._failures.pop(sid, None)
+                self._event("stream.resumed", stream_id=sid, chunk_index=self.next_chunk[sid])
+            r.done.set()
+
+    def _release_streams(self, stream_ids: list[str], state: str) -> None:
+        """Checkpoint and drop streams from their workers and put them in ``state`` (stopped | paused)."""
+        by_worker: dict[str, list[str]] = {}
+        for sid in stream_ids:
             wid = self.assigned.get(sid)
             if wid is None:
-                self._mark_manifest(sid, "stopped")
-                self.state[sid] = "stopped"
+                self._mark_manifest(sid, state)
+                self.state[sid] = state
             else:
                 by_worker.setdefault(wid, []).append(sid)
         for wid, sids in by_worker.items():
             w = self.workers[wid]
             try:
-                ray.get(w.handle.release.remote(sids, "stopped"), timeout=CALL_TIMEOUT_S)
+                released = ray.get(w.handle.release.remote(sids, state), timeout=CALL_TIMEOUT_S)
             except (RayActorError, GetTimeoutError) as e:
                 self._lost(w, f"release failed: {type(e).__name__}")
                 for sid in sids:  # their checkpoints are whatever was last written
-                    self._mark_manifest(sid, "stopped")
-                    self.state[sid] = "stopped"
+                    self._mark_manifest(sid, state)
+                    self.state[sid] = state
                 continue
+            for p in released:
+                self.next_chunk[p.stream_id], self.last_ckpt[p.stream_id] = p.next_chunk, p.last_checkpoint
+                self.telemetry[p.stream_id].saw_checkpoint(p.last_checkpoint)
             for sid in sids:
                 w.streams.discard(sid)
                 self.assigned.pop(sid, None)
-                self.state[sid] = "stopped"
-        for sid in targets:
-            self._awaiting.pop(sid, None)
-            self._event("stream.stopped", stream_id=sid)
-        clear_stops(self.run.out_dir, None if stops is None else sorted(stops))
+                self.state[sid] = state
+
+    def _start_dashboard(self) -> None:
+        from orchestrator.dashboard.server import start_dashboard
+
+        # a restarted orchestrator asks for the port its previous incarnation had
+        try:
+            self.dashboard = start_dashboard(self, self.run.dashboard_host, self.run.dashboard_port)
+        except Exception as e:  # noqa: BLE001 - the run goes on without its dashboard
+            self.error = f"dashboard: {type(e).__name__}: {e}"
+            log.exception("dashboard.failed")
+            return
+        self._event("dashboard.start", url=self.dashboard.url)
+
+    def _refresh_gauges(self) -> None:
+        now = time.monotonic()
+        if now < self._next_gauges:
+            return
+        self._next_gauges = now + GAUGE_EVERY_S
+        t = time.time()
+        ages = {sid: t - tel.checkpoint_at for sid, tel in self.telemetry.items() if tel.checkpoint_at is not None}
+        self.metrics.on_states(self.state, ages)
+
+    def _manifest_time(self, sid: str) -> float | None:
+        with contextlib.suppress(OSError):
+            return (self.run.stream_dir(sid) / "manifest.json").stat().st_mtime
+        return None
 
     def _mark_manifest(self, sid: str, state: str) -> None:
         m = self.run.manifest(sid)

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import ray
 import structlog
@@ -50,6 +51,17 @@ def connect(address: str | None, run: RunSpec, verbose: bool = False) -> None:
         )
 
 
+def dashboard_line(out_dir: str, url: str) -> str:
+    """The line that announces the dashboard; its URL carries the token after '#' (never sent to the server)."""
+    from orchestrator.dashboard.server import TOKEN_FILE
+
+    try:
+        token = (Path(out_dir) / TOKEN_FILE).read_text().strip()
+    except OSError:
+        return f"dashboard: {url} (pause/resume/stop need the token in {Path(out_dir) / TOKEN_FILE})"
+    return f"dashboard: {url}#token={token} (token also in {Path(out_dir) / TOKEN_FILE}, mode 0600)"
+
+
 def _get_progress(orch) -> RunProgress | None:
     try:
         return ray.get(orch.progress.remote(), timeout=30)
@@ -64,6 +76,7 @@ def drive(run: RunSpec, quiet: bool = False) -> int:
     total = None if any(t is None for t in targets) else sum(targets)
     bar = tqdm(total=total, unit="chunk", desc="longroll", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
     t0, last_seen, p = time.monotonic(), time.monotonic(), None
+    shown_url = None
     try:
         while True:
             q = _get_progress(orch)
@@ -73,6 +86,9 @@ def drive(run: RunSpec, quiet: bool = False) -> int:
                 time.sleep(1.0)
                 continue
             p, last_seen = q, time.monotonic()
+            if p.dashboard_url and p.dashboard_url != shown_url:
+                shown_url = p.dashboard_url
+                tqdm.write(dashboard_line(run.out_dir, shown_url), file=sys.stdout)
             done = sum(s.next_chunk for s in p.streams)
             bar.n = done
             states = [s.state for s in p.streams]

@@ -54,6 +54,8 @@ class RunSpec:
     checkpoint_uri: str | None = None
     memory_uri: str | None = None  # default DIR/memory
     stub: bool = False
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int | None = None  # None: no dashboard; 0: any free port
     state: str = "running"  # running | done | stopped | failed
     created_at: float = field(default_factory=time.time)
 

@@ -45,10 +45,23 @@ def add_run_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--checkpoint-uri", default=None, help="pyarrow.fs URI or path of checkpoints (default DIR/streams)")
     p.add_argument("--memory-uri", default=None, help="LanceDB URI of the memory store (default DIR/memory)")
     dash = p.add_mutually_exclusive_group()
-    dash.add_argument("--dashboard-port", type=int, default=None, help="reserved: the dashboard is not built yet")
-    dash.add_argument("--no-dashboard", action="store_true", help="reserved: the dashboard is not built yet")
+    dash.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DEFAULT_DASHBOARD_PORT,
+        help=f"port of the run's web dashboard (default {DEFAULT_DASHBOARD_PORT}; a free one if taken; 0: any free)",
+    )
+    dash.add_argument("--no-dashboard", action="store_true", help="serve no web dashboard")
+    p.add_argument(
+        "--dashboard-host",
+        default="127.0.0.1",
+        help="address the dashboard binds (default 127.0.0.1; 0.0.0.0 exposes it, token still needed to act)",
+    )
     p.add_argument("--stub", action="store_true", help=argparse.SUPPRESS)  # benchmarks: fake generator
     return p._actions[before:]
+
+
+DEFAULT_DASHBOARD_PORT = 8470
 
 
 def _positive(name: str, value, allow_none: bool = True) -> None:
@@ -123,6 +136,8 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.dashboard_port <= 65535:
+        raise UsageError(f"--dashboard-port must be in 0..65535, got {args.dashboard_port}")
     cfg = build_config(args)
     if not cfg.can_decode and not args.stub:
         raise UsageError(f"preset {cfg.name!r} has no VAE decoder here; `run` needs a decodable preset such as tiny")
@@ -156,4 +171,6 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
         checkpoint_uri=args.checkpoint_uri,
         memory_uri=args.memory_uri,
         stub=args.stub,
+        dashboard_host=args.dashboard_host,
+        dashboard_port=None if args.no_dashboard else args.dashboard_port,
     )

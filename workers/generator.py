@@ -11,6 +11,7 @@ With no trained weights yet, the model is a seeded random initialisation (``Mode
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -83,6 +84,7 @@ class Generator:
         # per stream: chunk index -> its encoded memory rows (see _refresh_memory)
         self._memory_rows: dict[str, OrderedDict[int, tuple]] = {}
         self.memory_row_cache = 4 * cfg.retrieval_k  # chunks of encoded rows kept per stream
+        self.retrieval_ms: dict[str, float] = {}  # per stream: how long its last step waited for retrieval
         self.device = torch.device(device)
         self.dtype = _DTYPES[cfg.dtype]
         with torch.random.fork_rng(devices=[]):
@@ -111,6 +113,7 @@ class Generator:
     def forget(self, stream_id: str) -> None:
         """Drop per-stream caches (encoded memory rows, pending prefetches) of a stream that left."""
         self._memory_rows.pop(stream_id, None)
+        self.retrieval_ms.pop(stream_id, None)
         for key in [k for k in self._prefetched if k[0] == stream_id]:
             self._prefetched.pop(key).cancel()
 
@@ -194,7 +197,9 @@ class Generator:
         """
         if state.memory_query is None:
             return
+        t0 = time.perf_counter()
         hits = sorted(self._retrieve(state), key=lambda h: h.chunk_index)
+        self.retrieval_ms[state.stream_id] = (time.perf_counter() - t0) * 1e3
         chosen = tuple(h.chunk_index for h in hits)
         if chosen == state.memory_chunks or not hits:
             return

@@ -69,6 +69,10 @@ class MemoryLink:
         self.retriever.observe(record)
         self.writer.put(record)
 
+    def rows(self, stream_id: str) -> int:
+        """Chunks of the stream in the store, as this process sees them (its hot tier)."""
+        return self.retriever.stream_rows(stream_id)
+
     def flush(self) -> None:
         """Block until every published chunk is durable."""
         self.writer.flush()

@@ -26,6 +26,7 @@ class WorkerSettings:
     write_output: bool = True  # benchmarks: False = no segments, manifests or checkpoints
     log_format: str = "json"
     log_level: str = "info"
+    preview_every_s: float | None = 0.5  # how often a stream's newest frame is sent as a PNG (None: never)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,13 @@ class StreamProgress:
     next_chunk: int  # chunks generated so far (in this worker's memory; durable up to last_checkpoint)
     chunks_done: int  # chunks in closed segments (durable output)
     last_checkpoint: int | None
-    state: str  # running | done | stopped | released
+    state: str  # running | done | stopped | paused | released
+    # telemetry of the step that produced this progress (dashboard and metrics)
+    frames: int = 0  # video frames this stream produced in the step
+    cache_bytes: int = 0  # bytes of the stream's latent KV cache
+    memory_rows: int | None = None  # chunks of the stream in the memory store (None: no store)
+    retrieval_ms: float | None = None  # time the step waited for the stream's memory retrieval
+    preview: bytes | None = None  # PNG of the newest frame (sent at most every WorkerSettings.preview_every_s)
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ class WorkerInfo:
 @dataclass(frozen=True)
 class StreamStatus:
     stream_id: str
-    state: str  # pending | running | done | stopped
+    state: str  # pending | running | paused | done | stopped | failed
     next_chunk: int
     target_chunks: int | None
     worker_id: str | None
@@ -109,3 +116,4 @@ class RunProgress:
     control_seconds: float  # time the orchestrator spent outside waits (its overhead)
     recoveries: tuple[Recovery, ...] = ()
     error: str | None = None
+    dashboard_url: str | None = None  # where the run's web dashboard listens (None: no dashboard)

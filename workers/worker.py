@@ -22,6 +22,7 @@ from workers.config import ModelConfig
 from workers.logs import configure_logging
 from workers.messages import Assigned, StepReport, StreamAssignment, StreamProgress, WorkerInfo, WorkerSettings
 from workers.output import StreamOutput
+from workers.preview import preview_png
 from workers.state import StreamState
 from workers.types import Chunk
 
@@ -46,7 +47,8 @@ class StubGenerator:
         for s in states:
             if s.spec.prompt == f"raise-at:{s.next_chunk}":
                 raise RuntimeError(f"injected failure: {s.stream_id} chunk {s.next_chunk}")
-            out.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk, torch.zeros(1), torch.zeros(1, 2, 2, 3)))
+            frames = torch.zeros(1, 2, 2, 3, dtype=torch.uint8)
+            out.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk, torch.zeros(1), frames))
             s.next_chunk += 1
         return out
 
@@ -58,6 +60,7 @@ class _Held:
     output: StreamOutput | None
     checkpoints: CheckpointStore | None
     last_checkpoint: int | None
+    preview_at: float = 0.0  # time.monotonic() of the last preview sent
 
 
 class GeneratorWorkerImpl:
@@ -94,9 +97,31 @@ class GeneratorWorkerImpl:
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         return WorkerInfo(self.worker_id, os.getpid(), node_id, self.device, tuple(self.streams))
 
-    def _progress(self, h: _Held, state: str = "running") -> StreamProgress:
+    def _progress(self, h: _Held, state: str = "running", chunk: Chunk | None = None) -> StreamProgress:
         done = h.output.chunks_done if h.output is not None else h.state.next_chunk
-        return StreamProgress(h.state.stream_id, h.state.next_chunk, done, h.last_checkpoint, state)
+        sid = h.state.stream_id
+        if chunk is None:
+            return StreamProgress(sid, h.state.next_chunk, done, h.last_checkpoint, state)
+        preview, now = None, time.monotonic()
+        every = self.s.preview_every_s
+        if every is not None and (now - h.preview_at >= every or state == "done"):
+            h.preview_at = now
+            try:
+                preview = preview_png(chunk.frames)
+            except ValueError as e:  # a preview must never fail a step
+                log.warning("preview.failed", stream_id=sid, chunk_index=chunk.chunk_index, error=str(e))
+        return StreamProgress(
+            sid,
+            h.state.next_chunk,
+            done,
+            h.last_checkpoint,
+            state,
+            frames=chunk.num_frames,
+            cache_bytes=h.state.cache.nbytes() if h.state.cache is not None else 0,
+            memory_rows=self.memory.rows(sid) if self.memory is not None else None,
+            retrieval_ms=getattr(self.gen, "retrieval_ms", {}).get(sid),
+            preview=preview,
+        )
 
     # ---- streams -----------------------------------------------------------------------------
     def assign(self, a: StreamAssignment) -> Assigned:
@@ -193,7 +218,7 @@ class GeneratorWorkerImpl:
             if finished:
                 del self.streams[chunk.stream_id]
                 log.info("stream.done", stream_id=chunk.stream_id, chunk_index=chunk.chunk_index)
-            progress.append(self._progress(h, "done" if finished else "running"))
+            progress.append(self._progress(h, "done" if finished else "running", chunk))
         return StepReport(self.worker_id, tuple(progress), len(chunks), frames, time.perf_counter() - t0, n_ckpt)
 
     def _store_chunk(self, chunk: Chunk) -> None:
