@@ -9,7 +9,7 @@ DEMO_STREAMS ?= 3
 DEMO_CHUNKS ?= 80
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test browser lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,15 @@ demo: $(STAMP)
 	$(VENV)/bin/longroll run --streams $(DEMO_STREAMS) --chunks $(DEMO_CHUNKS) --workers 2 --out $(DEMO_RUN) --quiet
 	$(VENV)/bin/longroll export s0 $(DEMO_OUT) --out $(DEMO_RUN)
 
-test: $(STAMP)
+browser:
+	@# the dashboard's browser test drives Debian's Chromium through Playwright's client (no browser download)
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (Debian package) for the dashboard's browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "warning: chromium is missing and cannot be installed without root: the browser test will skip" >&2; fi
+
+test: $(STAMP) browser
 	@# pytest exits 5 when it collected no tests: that is a failure here
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "error: no tests were collected" >&2; exit 1; fi; exit $$rc

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
 
 from orchestrator.registry import pending_stops
 from orchestrator.resume import load_run
@@ -33,11 +35,16 @@ def collect(out: str) -> dict:
             }
         )
     stops = pending_stops(spec.out_dir)
+    dashboard = None
+    if spec.state == "running":  # where its orchestrator said it serves the dashboard (no secret in that file)
+        with contextlib.suppress(OSError, ValueError):
+            dashboard = json.loads((Path(spec.out_dir) / "dashboard.json").read_text())["url"]
     return {
         "out": spec.out_dir,
         "state": spec.state,
         "streams": streams,
         "stop_requested": "all" if stops is None else sorted(stops),
+        "dashboard": dashboard,
     }
 
 
@@ -46,7 +53,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(s, indent=1))
         return 0
-    print(f"run {s['out']}: {s['state']}")
+    print(f"run {s['out']}: {s['state']}" + (f" (dashboard {s['dashboard']})" if s["dashboard"] else ""))
     print(f"{'stream':<20} {'state':<9} {'chunks':>13} {'frames':>8} {'checkpoint':>10} {'segments':>8}")
     for r in s["streams"]:
         target = "inf" if r["target_chunks"] is None else r["target_chunks"]

@@ -48,6 +48,8 @@ class StreamTelemetry:
             self.previews[p.next_chunk - 1] = p.preview
             while len(self.previews) > PREVIEWS:
                 self.previews.popitem(last=False)
+        if p.last_checkpoint is not None and p.last_checkpoint != self.checkpoint:
+            self.add_log("checkpoint.saved", {"chunk_index": p.last_checkpoint}, now)
         self.saw_checkpoint(p.last_checkpoint, now)
 
     def saw_checkpoint(self, chunk: int | None, now: float | None = None) -> None:

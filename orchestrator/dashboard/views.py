@@ -30,7 +30,7 @@ class OrchestratorView:
             "target_chunks": entry.target_chunks,
             "frames": o.next_chunk[sid] * tel.frames_per_chunk if tel.frames_per_chunk else None,
             "worker_id": o.assigned.get(sid),
-            "fps": round(tel.fps(now), 2),
+            "fps": round(tel.fps(now), 2) if o.state[sid] == "running" else 0.0,
             "step_ms": round(last.step_ms, 3) if last else None,
             "retrieval_ms": round(last.retrieval_ms, 3) if last and last.retrieval_ms is not None else None,
             "cache_bytes": tel.cache_bytes,

@@ -36,6 +36,9 @@ def cli(capsys, *args):
         (["--preset", "huge"], "unknown preset"),
         (["--memory", "bogus"], "invalid choice"),
         (["--streams", "abc"], "invalid int value"),
+        (["--dashboard-port", "70000"], "--dashboard-port must be in 0..65535"),
+        (["--dashboard-port", "-1"], "--dashboard-port must be in 0..65535"),
+        (["--dashboard-port", "8000", "--no-dashboard"], "not allowed with argument"),
     ],
 )
 def test_bad_run_input_one_line_exit_2_nothing_started(capsys, tmp_path, args, message):
