@@ -63,6 +63,16 @@ class Shard:
         return (torch.arange(frames)[:, None] * t_f + self.rank * t_loc + torch.arange(t_loc)[None, :]).flatten()
 
 
+def check_group(cfg: ModelConfig, size: int) -> None:
+    """Raise ValueError unless ``size`` ranks can run ``cfg`` as one generator group."""
+    if size < 1:
+        raise ValueError(f"{size=} must be >= 1")
+    if cfg.attention != "mla" or cfg.memory != "window":
+        raise ValueError(f"generator groups need attention='mla' and memory='window': {cfg.attention=}, {cfg.memory=}")
+    if cfg.tokens_per_frame % size:
+        raise ValueError(f"{cfg.tokens_per_frame=} must be divisible by the group size {size}")
+
+
 class Comm:
     """The collectives the group needs, over the default torch.distributed process group."""
 
@@ -122,7 +132,8 @@ class ShardedMLAttention(nn.Module):
             rows, slots = ctx.cache.read(layer, x.dtype, ctx.slots)  # (n_slots*T_loc, d_c + d_r)
             new = torch.cat([ckv[i], k_rope[i]], dim=-1)  # (F*T_loc, d_c + d_r)
             n_ctx = len(slots)
-            full = interleave(self.comm.all_gather(torch.cat([rows, new])), n_ctx + s // ctx.cache.layout.tokens_per_frame)
+            frames = n_ctx + s // ctx.cache.layout.tokens_per_frame  # context frames + the chunk's
+            full = interleave(self.comm.all_gather(torch.cat([rows, new])), frames)  # (frames*T_f, d_c + d_r)
             n = rows.shape[0] * self.comm.size  # context tokens of the whole frame set
             ctx_rows, new_rows = full[:n], full[n:]
             c_all = torch.cat([ctx_rows[:, : a.d_c], new_rows[:, : a.d_c]], dim=0)  # (S_ctx + S, d_c)
@@ -152,9 +163,7 @@ class GroupGenerator(Generator):
     """
 
     def __init__(self, cfg: ModelConfig, comm: Comm, device: torch.device | str = "cpu", mla_form: str = "absorbed"):
-        if cfg.attention != "mla" or cfg.memory != "window":
-            raise ValueError(f"generator groups need attention='mla' and memory='window', got {cfg.attention=}, "
-                             f"{cfg.memory=}")  # fmt: skip
+        check_group(cfg, comm.size)
         super().__init__(cfg, device=device, mla_form=mla_form)
         self.comm = comm
         self.shard = Shard(comm.rank, comm.size, cfg.tokens_per_frame)
@@ -165,8 +174,9 @@ class GroupGenerator(Generator):
 
     # ---- shard <-> single-process state ------------------------------------------------------
     def new_stream(self, spec: StreamSpec) -> StreamState:
-        return StreamState(spec, self.config_hash, cond_vector(spec.prompt, self.cfg.cond_dim).to(self.device),
-                           LatentKVCache(self.layout, self.device), frames_per_chunk=self.cfg.frames_per_chunk)  # fmt: skip
+        cond = cond_vector(spec.prompt, self.cfg.cond_dim).to(self.device)
+        cache = LatentKVCache(self.layout, self.device)
+        return StreamState(spec, self.config_hash, cond, cache, frames_per_chunk=self.cfg.frames_per_chunk)
 
     def _per_token(self, t: torch.Tensor, t_f: int) -> torch.Tensor:
         # (L, slots*T, *) -> (L, slots, T, *)
