@@ -59,11 +59,17 @@ class StreamTelemetry:
     def fps(self, now: float | None = None) -> float:
         """Frames per second over the last FPS_WINDOW_S (0 when the stream has not produced lately)."""
         now = time.time() if now is None else now
-        recent = [s for s in self.samples if now - s.time <= FPS_WINDOW_S]
-        if len(recent) < 2:
+        newest = first = None
+        frames = 0
+        for s in reversed(self.samples):  # newest first; stop at the window's edge
+            if now - s.time > FPS_WINDOW_S:
+                break
+            newest = newest or s
+            first = s
+            frames += s.frames
+        if first is None or first is newest:
             return 0.0
-        span = recent[-1].time - recent[0].time
-        return sum(s.frames for s in recent[1:]) / span if span > 0 else 0.0
+        return (frames - first.frames) / (newest.time - first.time) if newest.time > first.time else 0.0
 
     def latest_preview(self) -> int | None:
         return next(reversed(self.previews)) if self.previews else None
