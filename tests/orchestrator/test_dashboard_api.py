@@ -1,8 +1,10 @@
 """The dashboard's JSON API and metrics, against a real run on a real Ray (tiny model, in this process's cluster).
 
-One run serves the whole module: reads, bad input, Prometheus metrics, then pause/resume (last,
-since it lets the run finish). Pausing must stop the stream's chunk count; resuming must continue it
-with exactly the frames of an uninterrupted rollout (compared through the lossless mp4 segments).
+One run serves the whole module, its tests in order: s0 is paused first (and stays paused while the
+others run), then reads, bad input and Prometheus metrics, then s0 is resumed, the endless s2 is
+stopped and the run finishes. Pausing must stop the stream's chunk count; resuming must continue it
+with exactly the frames of an uninterrupted rollout (s1 has the same seed, and both are compared with
+an in-process rollout through the lossless mp4 segments).
 """
 
 import json
@@ -10,6 +12,7 @@ import os
 import socket
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -39,6 +42,7 @@ def live(tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("dash") / "run"
     streams = [StreamEntry(StreamSpec(f"s{i}", seed=5), CHUNKS) for i in range(2)]  # same seed: same frames
+    streams.append(StreamEntry(StreamSpec("s2", seed=6), None))  # endless, until the last test stops it
     spec = RunSpec(
         out_dir=str(out.resolve()),
         model=TINY.to_dict(),
@@ -86,24 +90,47 @@ def wait_streams(client, pred, timeout=180, what="condition") -> dict:
     raise AssertionError(f"timed out waiting for {what}: {streams}")
 
 
+def test_pause_stops_the_chunk_count(live):
+    c, token, spec = live["client"], live["token"], live["spec"]
+    wait_streams(c, lambda s: s["s0"]["next_chunk"] >= 3, what="s0 at chunk 3")
+    r = c.post("/api/streams/s0/pause", headers=auth(token), json={"reason": "test"})
+    assert r.status_code == 200 and r.json() == {"id": "s0", "action": "pause", "state": "paused"}
+    paused_at = c.get("/api/streams/s0").json()
+    assert paused_at["state"] == "paused" and paused_at["worker_id"] is None and paused_at["fps"] == 0
+    assert paused_at["last_checkpoint"] == paused_at["next_chunk"]  # released with a checkpoint where it stood
+    assert json.loads((spec.stream_dir("s0") / "manifest.json").read_text())["state"] == "paused"
+    before = wait_streams(c, lambda s: True)
+    time.sleep(2.0)
+    after = wait_streams(c, lambda s: True)
+    assert after["s0"]["next_chunk"] == paused_at["next_chunk"] and after["s0"]["state"] == "paused"
+    assert after["s2"]["next_chunk"] > before["s2"]["next_chunk"], "the other streams must go on"
+    assert c.post("/api/streams/s0/pause", headers=auth(token)).json()["state"] == "paused"  # harmless repeat
+    log = c.get("/api/streams/s0").json()["log"]
+    assert [e["event"] for e in log if e["event"].startswith(("request.", "stream.paused"))] == [
+        "request.pause",
+        "stream.paused",
+    ]
+
+
 def test_reads_list_streams_detail_previews_and_schema(live):
     c = live["client"]
     streams = wait_streams(c, lambda s: all(v["preview_chunk"] is not None for v in s.values()), what="previews")
-    assert sorted(streams) == ["s0", "s1"]
-    s0 = streams["s0"]
-    assert s0["state"] == "running" and s0["target_chunks"] == CHUNKS and s0["worker_id"]
-    assert s0["cache_bytes"] == TINY.cache_layout().capacity_bytes() and s0["memory_rows"] >= 1
+    assert sorted(streams) == ["s0", "s1", "s2"]
+    s2 = streams["s2"]
+    assert s2["state"] == "running" and s2["target_chunks"] is None and s2["worker_id"]
+    assert s2["cache_bytes"] == TINY.cache_layout().capacity_bytes() and s2["memory_rows"] >= 1
+    assert streams["s0"]["target_chunks"] == CHUNKS
 
-    d = c.get("/api/streams/s0").json()
-    assert d["id"] == "s0" and d["seed"] == 5 and d["history"] and d["log"][0]["event"] == "stream.assigned"
+    d = c.get("/api/streams/s2").json()
+    assert d["id"] == "s2" and d["seed"] == 6 and d["history"] and d["log"][0]["event"] == "stream.assigned"
 
-    r = c.get("/api/streams/s0/preview")
+    r = c.get("/api/streams/s2/preview")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:8] == b"\x89PNG\r\n\x1a\n"
     idx = int(r.headers["x-chunk-index"])
-    assert c.get(f"/api/streams/s0/preview/{idx}").content == r.content  # the same image, by chunk index
+    assert c.get(f"/api/streams/s2/preview/{idx}").content == r.content  # the same image, by chunk index
 
     run = c.get("/api/run").json()
-    assert run["streams"] == 2 and len(run["workers"]) == 1 and run["error"] is None
+    assert run["streams"] == 3 and len(run["workers"]) == 1 and run["error"] is None
 
     paths = c.get("/openapi.json").json()["paths"]
     for p in (
@@ -134,13 +161,13 @@ def test_bad_input_404_401_422_and_no_client_paths(live):
     assert c.get("/assets/../run.json").status_code == 404
     # mutations without, or with a wrong, token: 401 before the body is even read
     for headers in ({}, auth("wrong"), {"Authorization": f"Basic {token}"}, {"Authorization": token}):
-        r = c.post("/api/streams/s0/pause", headers=headers, content=b"{not json")
+        r = c.post("/api/streams/s2/pause", headers=headers, content=b"{not json")
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
     # malformed bodies with the right token: 422, and the stream is untouched
     for body in (b"{not json", b'{"reason": 5}', b'{"unknown": 1}', b'{"reason": "' + b"x" * 300 + b'"}'):
-        r = c.post("/api/streams/s0/pause", headers={**auth(token), "Content-Type": "application/json"}, content=body)
+        r = c.post("/api/streams/s2/pause", headers={**auth(token), "Content-Type": "application/json"}, content=body)
         assert r.status_code == 422, (body[:20], r.status_code, r.text)
-    assert c.get("/api/streams/s0").json()["state"] == "running"
+    assert c.get("/api/streams/s2").json()["state"] == "running"
     names = {p.name for p in live["out"].iterdir()}
     assert names <= {"run.json", "events.jsonl", "streams", "memory", "dashboard.json", "dashboard.token"}, names
 
@@ -156,44 +183,31 @@ def test_metrics_reach_rays_prometheus_endpoint(live):
     deadline, text = time.monotonic() + 90, ""
     while time.monotonic() < deadline:
         text = httpx.get(url, timeout=10).text
-        if all(w in text for w in want) and 'stream_id="s0"' in text:
+        if all(w in text for w in want) and 'stream_id="s2"' in text:
             break
         time.sleep(1)
     missing = [w for w in want if w not in text]
     assert not missing, f"metrics missing from {url}: {missing}"
     chunks = [line for line in text.splitlines() if line.startswith("ray_longroll_chunks_total{")]
-    assert any('stream_id="s0"' in line and 'worker_id="' in line for line in chunks), chunks[:3]
+    assert any('stream_id="s2"' in line and 'worker_id="' in line for line in chunks), chunks[:3]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in chunks) >= 2
 
 
-def test_pause_stops_the_count_resume_continues_with_the_same_frames(live, tmp_path):
+def test_resume_continues_with_the_same_frames_and_stop_ends_the_run(live, tmp_path):
     c, token, spec = live["client"], live["token"], live["spec"]
-    wait_streams(c, lambda s: s["s0"]["next_chunk"] >= 3, what="s0 at chunk 3")
-    r = c.post("/api/streams/s0/pause", headers=auth(token), json={"reason": "test"})
-    assert r.status_code == 200 and r.json() == {"id": "s0", "action": "pause", "state": "paused"}
-    paused_at = c.get("/api/streams/s0").json()
-    assert paused_at["state"] == "paused" and paused_at["worker_id"] is None
-    assert paused_at["last_checkpoint"] == paused_at["next_chunk"]  # released with a checkpoint where it stood
-    manifest = json.loads((spec.stream_dir("s0") / "manifest.json").read_text())
-    assert manifest["state"] == "paused"
-    # s1 runs on to the end while s0's count stays where it was
     streams = wait_streams(c, lambda s: s["s1"]["state"] == "done", what="s1 done")
-    assert streams["s0"]["next_chunk"] == paused_at["next_chunk"] and streams["s0"]["state"] == "paused"
-    # pausing or stopping a finished stream conflicts; repeating a pause is harmless
-    assert c.post("/api/streams/s1/pause", headers=auth(token)).status_code == 409
-    assert c.post("/api/streams/s0/pause", headers=auth(token)).json()["state"] == "paused"
-    log = c.get("/api/streams/s0").json()["log"]
-    assert [e["event"] for e in log if e["event"].startswith(("request.", "stream.paused"))] == [
-        "request.pause",
-        "stream.paused",
-    ]
-
+    assert streams["s0"]["state"] == "paused"
+    assert c.post("/api/streams/s1/pause", headers=auth(token)).status_code == 409  # a finished stream
     r = c.post("/api/streams/s0/resume", headers=auth(token))
     assert r.status_code == 200 and r.json()["state"] in ("pending", "running")
-    deadline = time.monotonic() + 180
-    while ray.get(live["orch"].progress.remote()).state != "done":
-        assert time.monotonic() < deadline, "run did not finish after resume"
+    wait_streams(c, lambda s: s["s0"]["state"] == "done", what="s0 done after resume")
+    r = c.post("/api/streams/s2/stop", headers=auth(token))
+    assert r.status_code == 200 and r.json()["state"] == "stopped"
+    deadline = time.monotonic() + 120
+    while ray.get(live["orch"].progress.remote()).state != "stopped":
+        assert time.monotonic() < deadline, "run did not end after its last stream stopped"
         time.sleep(0.2)
-    check_outputs(spec, tmp_path)  # both streams equal the uninterrupted in-process rollout
+    check_outputs(replace(spec, streams=spec.streams[:2]), tmp_path)  # s0 and s1 equal the uninterrupted rollout
     events = [json.loads(line)["event"] for line in (Path(spec.out_dir) / "events.jsonl").read_text().splitlines()]
     assert events.count("stream.paused") == 1 and events.count("stream.resumed") == 1
+    assert json.loads((spec.stream_dir("s2") / "manifest.json").read_text())["state"] == "stopped"
