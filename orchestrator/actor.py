@@ -26,6 +26,7 @@ import ray
 import structlog
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from orchestrator.groups import move_stream, remove_worker, spawn_worker
 from orchestrator.metrics import RunMetrics
 from orchestrator.registry import (
     FINAL_STATES,
@@ -46,7 +47,6 @@ from workers.messages import (
     WorkerInfo,
 )
 from workers.output import write_json_atomic
-from workers.worker import GeneratorWorker
 
 log = structlog.get_logger(__name__)
 
@@ -275,8 +275,7 @@ class OrchestratorImpl:
         while len(self.workers) < self.run.workers:
             wid = f"{self.incarnation}-w{self._n_spawned}"
             self._n_spawned += 1
-            opts = {"num_gpus": 1} if self._use_gpu else {"num_cpus": self.run.worker_cpus}
-            handle = GeneratorWorker.options(**opts).remote(wid, self.settings)
+            handle = spawn_worker(wid, self.settings, self._use_gpu, self.run.worker_cpus)
             self.workers[wid] = _Worker(wid, handle, handle.info.remote())
             self._event("worker.spawn", worker_id=wid)
         for w in list(self.workers.values()):
@@ -290,6 +289,7 @@ class OrchestratorImpl:
             except RayError as e:
                 self._event("worker.start_failed", worker_id=w.id, error=str(e)[:500])
                 self.workers.pop(w.id)
+                remove_worker(w.id)
                 time.sleep(1.0)
                 continue
             w.ready_ref = None
@@ -312,6 +312,7 @@ class OrchestratorImpl:
             return
         with contextlib.suppress(Exception):
             ray.kill(w.handle, no_restart=True)
+        remove_worker(w.id)  # a group: every rank goes with its placement group
         streams = tuple(sorted(w.streams))
         node = w.info.node_id if w.info else ""
         rec = Recovery(w.id, node, reason, time.time(), streams, None)
@@ -391,6 +392,8 @@ class OrchestratorImpl:
             if src is new or len(src.streams) - len(new.streams) <= 1:
                 return
             sid = sorted(src.streams)[-1]
+            if move_stream(self, src, new, sid):  # directly; False: export failed, move via a checkpoint
+                continue
             try:
                 ray.get(src.handle.release.remote([sid]), timeout=CALL_TIMEOUT_S)
             except (RayActorError, GetTimeoutError) as e:
@@ -536,6 +539,7 @@ class OrchestratorImpl:
                 ray.get(w.handle.shutdown.remote(), timeout=30)
             with contextlib.suppress(Exception):
                 ray.kill(w.handle, no_restart=True)
+            remove_worker(w.id)
         self.workers.clear()
         self._event("run.finished", state=self.run.state, chunks=self.chunks)
         self.finished = True

@@ -50,6 +50,7 @@ class RunSpec:
     keep_segments: int | None = None
     streams_per_worker: int | None = None  # capacity of one worker (None: no limit)
     worker_cpus: float = 1.0  # logical CPUs per worker (ignored where a GPU is used)
+    group_size: int = 1  # ranks per worker: >1 makes each worker a generator group (one GPU or worker_cpus each)
     upscale: int = 4
     checkpoint_uri: str | None = None
     memory_uri: str | None = None  # default DIR/memory
@@ -88,6 +89,7 @@ class RunSpec:
             checkpoint_uri=self.checkpoint_uri,
             memory_uri=None if self.stub else (self.memory_uri or str(Path(self.out_dir) / "memory")),
             stub=self.stub,
+            group_size=self.group_size,
             log_format=log_format,
             log_level=log_level,
         )

@@ -38,6 +38,7 @@ def add_run_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--keep-segments", type=int, default=None, help="keep only the newest N segments per stream")
     p.add_argument("--streams-per-worker", type=int, default=None, help="capacity of one worker (default: no limit)")
     p.add_argument("--worker-cpus", type=float, default=1.0, help="logical CPUs reserved per worker (CPU-only)")
+    p.add_argument("--group-size", type=int, default=1, help="ranks per worker: one generator over N GPUs (default 1)")
     p.add_argument("--out", default="out/run", help="output directory (default out/run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first stream of --streams")
     p.add_argument("--prompt", default="", help="prompt of every --streams stream")
@@ -132,6 +133,7 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
         "streams_per_worker",
         "worker_cpus",
         "upscale",
+        "group_size",
     ):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.seed < 0:
@@ -139,6 +141,13 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
     if not 0 <= args.dashboard_port <= 65535:
         raise UsageError(f"--dashboard-port must be in 0..65535, got {args.dashboard_port}")
     cfg = build_config(args)
+    if args.group_size > 1:
+        from workers.group_parallel import check_group
+
+        try:
+            check_group(cfg, args.group_size)
+        except ValueError as e:
+            raise UsageError(f"--group-size {args.group_size}: {e}") from None
     if not cfg.can_decode and not args.stub:
         raise UsageError(f"preset {cfg.name!r} has no VAE decoder here; `run` needs a decodable preset such as tiny")
     seg = args.segment_chunks or args.checkpoint_every
@@ -167,6 +176,7 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
         keep_segments=args.keep_segments,
         streams_per_worker=args.streams_per_worker,
         worker_cpus=args.worker_cpus,
+        group_size=args.group_size,
         upscale=args.upscale,
         checkpoint_uri=args.checkpoint_uri,
         memory_uri=args.memory_uri,

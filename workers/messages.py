@@ -27,6 +27,7 @@ class WorkerSettings:
     log_format: str = "json"
     log_level: str = "info"
     preview_every_s: float | None = 0.5  # how often a stream's newest frame is sent as a PNG (None: never)
+    group_size: int = 1  # ranks of one generator (1: a single process; >1: workers.group.GroupLeader)
 
 
 @dataclass(frozen=True)
@@ -117,3 +118,19 @@ class RunProgress:
     recoveries: tuple[Recovery, ...] = ()
     error: str | None = None
     dashboard_url: str | None = None  # where the run's web dashboard listens (None: no dashboard)
+
+
+@dataclass(frozen=True)
+class StreamHandoff:
+    """A stream moving directly between workers (``export_streams`` -> ``import_streams``), no checkpoint.
+
+    The state travels as safetensors bytes in Ray's object store (``payload``, an ObjectRef owned by the
+    exporting worker) plus its JSON meta (with the payload sha256, verified on import).
+    """
+
+    stream_id: str
+    target_chunks: int | None
+    last_checkpoint: int | None  # newest checkpoint on storage (the fallback if the move fails)
+    meta_json: str  # StreamState.to_bytes() meta, as JSON
+    payload: object  # ray.ObjectRef of the StreamState.to_bytes() safetensors bytes
+    nbytes: int = 0  # size of the payload

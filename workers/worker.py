@@ -21,6 +21,7 @@ from workers.checkpoints import CheckpointStore
 from workers.config import ModelConfig
 from workers.logs import configure_logging
 from workers.messages import Assigned, StepReport, StreamAssignment, StreamProgress, WorkerInfo, WorkerSettings
+from workers.migration import StreamMigration
 from workers.output import StreamOutput
 from workers.preview import preview_png
 from workers.state import StreamState
@@ -63,7 +64,7 @@ class _Held:
     preview_at: float = 0.0  # time.monotonic() of the last preview sent
 
 
-class GeneratorWorkerImpl:
+class GeneratorWorkerImpl(StreamMigration):
     """The actor's body (plain class so tests and benchmarks can also run it in-process)."""
 
     def __init__(self, worker_id: str, settings: WorkerSettings):
@@ -82,15 +83,20 @@ class GeneratorWorkerImpl:
         if settings.stub:
             self.gen = StubGenerator(self.cfg)
         else:
-            from workers.generator import Generator
             from workers.memory import default_embedder
 
             retriever = self.memory.retriever if self.memory is not None else None
             embedder = default_embedder(self.cfg) if self.memory is not None else None
-            self.gen = Generator(self.cfg, device=self.device, memory=retriever, embedder=embedder)
+            self.gen = self._make_generator(retriever, embedder)
         self.streams: dict[str, _Held] = {}
         self.ckpt_root = settings.checkpoint_uri or str(Path(settings.out_dir) / "streams")
         log.info("worker.start", worker_id=worker_id, pid=os.getpid(), device=self.device)
+
+    def _make_generator(self, retriever, embedder):
+        """The generator this worker steps (overridden by workers.group.GroupLeaderImpl)."""
+        from workers.generator import Generator
+
+        return Generator(self.cfg, device=self.device, memory=retriever, embedder=embedder)
 
     # ---- queries -----------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
