@@ -80,10 +80,9 @@ class OrchestratorView:
     def preview(self, sid: str, chunk: int | None) -> tuple[int, bytes] | None:
         """The PNG of chunk ``chunk`` of the stream (newest when None), if it is still held."""
         with self.o.lock:
-            previews = self.o.telemetry[sid].previews
-            if chunk is None:
-                chunk = next(reversed(previews), None) if previews else None
-            png = previews.get(chunk) if chunk is not None else None
+            tel = self.o.telemetry[sid]
+            chunk = tel.latest_preview() if chunk is None else chunk
+            png = tel.previews.get(chunk) if chunk is not None else None
         return (chunk, png) if png is not None else None
 
     def run(self) -> dict:
