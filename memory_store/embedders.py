@@ -70,6 +70,30 @@ class PooledProjectionEmbedder:
         return np.stack([self.embed(x) for x in latents])
 
 
+class PoseEmbedder:
+    """Camera-pose keys for world-model streams: random Fourier features of a chunk's mean pose.
+
+    ``embed_poses(poses)`` maps the (y, x) poses of a chunk's frames (in patches) to
+    ``[cos(w_i . p), sin(w_i . p)] / sqrt(dim / 2)`` with fixed frequencies ``w_i ~ N(0, 1 / bandwidth^2)``.
+    The cosine similarity of two such keys is ``mean_i cos(w_i . (p - q))``, a kernel that is 1 at the
+    same pose and falls off over about ``bandwidth`` patches, so cosine top-k over these keys returns
+    the chunks whose camera stood nearest: the ones that saw what the next chunk will see.
+    """
+
+    def __init__(self, dim: int = 64, bandwidth: float = 3.0, seed: int = 0) -> None:
+        if dim < 2 or dim % 2 or bandwidth <= 0:
+            raise ValueError(f"{dim=} must be even and >= 2, {bandwidth=} must be > 0")
+        self.dim, self.bandwidth = dim, bandwidth
+        g = torch.Generator().manual_seed(seed)
+        self.freqs = torch.randn(dim // 2, 2, generator=g, dtype=torch.float64) / bandwidth  # (E/2, 2)
+
+    def embed_poses(self, poses: torch.Tensor) -> np.ndarray:
+        """poses [F, 2] (y, x) in patches -> float32 [dim], unit norm."""
+        p = poses.to(torch.float64).reshape(-1, 2).mean(dim=0)  # (2,)
+        ang = self.freqs @ p  # (E/2,)
+        return l2_normalize(torch.cat([torch.cos(ang), torch.sin(ang)]).numpy())
+
+
 _CONV_AE_NAMES = (
     "ConvAEConfig",
     "ConvAEEmbedder",

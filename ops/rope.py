@@ -67,6 +67,34 @@ class Rope3D:
         grid = torch.cat([hh[:, None, :].expand(height, width, n_h), ww[None, :, :].expand(height, width, n_w)], dim=-1)
         return grid.reshape(height * width, n_h + n_w)
 
+    def posed_spatial_angles(self, height: int, width: int, offsets: torch.Tensor) -> torch.Tensor:
+        """Spatial angles of frames whose grids sit at per-frame offsets (a camera's pose in tokens).
+
+        Token (i, j) of a frame at offset (oy, ox) is placed at (i + oy, j + ox): tokens that see the
+        same world position get the same spatial angles in every frame, so attention between them
+        depends only on time, wherever the camera is.
+
+        Args:
+            offsets: [F, 2] (y, x) offsets in tokens (integers or fractions).
+        Returns:
+            [F * height * width, n_h + n_w] float64.
+        """
+        _, n_h, n_w = self.pairs
+        off = offsets.to(torch.float64)
+        hh = (torch.arange(height, dtype=torch.float64)[None, :] + off[:, 0:1])[..., None] * self._inv_freq(
+            n_h
+        )  # (F, h, n_h)
+        ww = (torch.arange(width, dtype=torch.float64)[None, :] + off[:, 1:2])[..., None] * self._inv_freq(
+            n_w
+        )  # (F, w, n_w)
+        n_f = off.shape[0]
+        # (F, h, 1, n_h), (F, 1, w, n_w) -> (F, h, w, n_h + n_w) -> (F*h*w, n_h + n_w)
+        grid = torch.cat(
+            [hh[:, :, None, :].expand(n_f, height, width, n_h), ww[:, None, :, :].expand(n_f, height, width, n_w)],
+            dim=-1,
+        )
+        return torch.remainder(grid.reshape(n_f * height * width, n_h + n_w), 2 * math.pi)
+
     def cos_sin(
         self, frame_ids: torch.Tensor, height: int, width: int, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:

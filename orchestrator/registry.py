@@ -33,7 +33,7 @@ class StreamEntry:
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamEntry:
-        return cls(StreamSpec(d["stream_id"], int(d["seed"]), d.get("prompt", "")), d.get("chunks"))
+        return cls(StreamSpec.from_dict(d), d.get("chunks"))
 
 
 @dataclass
@@ -51,6 +51,7 @@ class RunSpec:
     streams_per_worker: int | None = None  # capacity of one worker (None: no limit)
     worker_cpus: float = 1.0  # logical CPUs per worker (ignored where a GPU is used)
     group_size: int = 1  # ranks per worker: >1 makes each worker a generator group (one GPU or worker_cpus each)
+    weights: str | None = None  # "shipped", "random"/None or a safetensors path
     upscale: int = 4
     checkpoint_uri: str | None = None
     memory_uri: str | None = None  # default DIR/memory
@@ -90,6 +91,7 @@ class RunSpec:
             memory_uri=None if self.stub else (self.memory_uri or str(Path(self.out_dir) / "memory")),
             stub=self.stub,
             group_size=self.group_size,
+            weights=self.weights,
             log_format=log_format,
             log_level=log_level,
         )

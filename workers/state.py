@@ -72,7 +72,7 @@ class StreamState:
             raise ValueError("stream state payload does not match its sha256 checksum")
         tensors = st_load(payload)
         return cls(
-            spec=StreamSpec(**meta["spec"]),
+            spec=StreamSpec.from_dict(meta["spec"]),
             config_hash=meta["config_hash"],
             cond=tensors["cond"].to(device),
             cache=LatentKVCache.from_state(tensors, meta["cache"], device),

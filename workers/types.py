@@ -26,14 +26,38 @@ class StreamSpec:
     stream_id: str  # unique name of the stream, ^[a-z0-9][a-z0-9_-]{0,63}$
     seed: int = 0  # noise of chunk i depends only on (seed, i)
     prompt: str = ""  # hashed into the per-stream conditioning vector (stand-in for a text encoder)
+    trajectory: str = ""  # camera path: "" (no camera), "still", "revisit" or "file" (then ``actions``)
+    actions: tuple[tuple[int, int], ...] = ()  # trajectory "file": per-frame (dy, dx) in patches
+    world: int | None = None  # procedural world seed: chunk 0 is its true view (the prompt frames)
 
     def __post_init__(self) -> None:
         validate_stream_id(self.stream_id)
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"{self.seed=} must be an integer in [0, 2**63)")
+        object.__setattr__(self, "actions", tuple(tuple(int(v) for v in a) for a in self.actions))
+        if self.world is not None and (not isinstance(self.world, int) or not 0 <= self.world < 2**63):
+            raise ValueError(f"{self.world=} must be an integer in [0, 2**63)")
+        if self.world is not None and not self.trajectory:
+            raise ValueError("a world prompt needs a camera trajectory (e.g. trajectory='still')")
+        if self.trajectory:
+            from workers.trajectory import trajectory_of
+
+            trajectory_of(self)  # validates name and actions
 
     def to_dict(self) -> dict:
-        return {"stream_id": self.stream_id, "seed": self.seed, "prompt": self.prompt}
+        d = {"stream_id": self.stream_id, "seed": self.seed, "prompt": self.prompt}
+        if self.trajectory:
+            d.update(trajectory=self.trajectory, world=self.world)
+            if self.actions:
+                d["actions"] = [list(a) for a in self.actions]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamSpec:
+        return cls(
+            d["stream_id"], int(d.get("seed", 0)), str(d.get("prompt", "")), str(d.get("trajectory", "")),
+            tuple(tuple(a) for a in d.get("actions", ())), d.get("world"),
+        )  # fmt: skip
 
 
 @dataclass
