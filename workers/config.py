@@ -35,9 +35,9 @@ class ModelConfig:
     cond_dim: int = 32  # per-stream conditioning vector (stand-in for a text embedding)
     action_dim: int = 2  # per-frame action (camera dx, dy); zeros when unused
     attention: Attention = "mla"  # "mha": per-head K/V cache; "mla": low-rank latent cache
-    latent_dim: int = 32  # mla: d_c, shared latent width
-    rope_dim: int = 16  # mla: d_r, shared decoupled RoPE key width
-    rope_theta: float = 10000.0  # RoPE frequency base
+    latent_dim: int = 64  # mla: d_c, shared latent width (a 4x4x3 patch is 48 values: room to copy one)
+    rope_dim: int = 32  # mla: d_r, shared decoupled RoPE key width (5 pairs per spatial axis)
+    rope_theta: float = 100.0  # RoPE frequency base (tiny: positions span < 100 tokens per axis)
     # -- cache and memory ----------------------------------------------------------------------
     sink_frames: int = 1  # first frames kept forever (frame sink)
     window_frames: int = 6  # local window ring (latent frames)
@@ -56,7 +56,7 @@ class ModelConfig:
     # -- sampling ------------------------------------------------------------------------------
     sigmas: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # flow-matching noise levels, one per step
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute dtype
-    init_seed: int = 0  # seed of the random initialisation (no trained weights yet)
+    init_seed: int = 0  # seed of the random initialisation (used when no weights are loaded)
     # derived
     head_dim: int = field(init=False)
     tokens_per_frame: int = field(init=False)
@@ -225,6 +225,7 @@ PRESETS: dict[str, ModelConfig] = {
         cond_dim=4096,  # umT5-XXL width
         latent_dim=160,  # d_c + d_r = 224 (VideoMLA)
         rope_dim=64,
+        rope_theta=10000.0,
         sink_frames=3,  # LongLive keeps the first chunk as the frame sink
         window_frames=18,  # sink + window = 21 latent frames, Self-Forcing's context
         memory_frames=6,  # LongLive-RAG retrieves ~6 frames

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,7 +30,9 @@ from workers.config import ModelConfig
 from workers.model import CausalVideoDiT
 from workers.sampler import chunk_noise, euler_steps
 from workers.state import StreamState
+from workers.trajectory import trajectory_of
 from workers.types import Chunk, StreamSpec
+from workers.world import WorldConfig, render_world, views
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = structlog.get_logger(__name__)
@@ -90,15 +93,20 @@ class Generator:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
             model = CausalVideoDiT(cfg, mla_form)
+        self.weights_sha = None
         if weights is not None:
             model.load_state_dict(load_file(weights), strict=True)
+            self.weights_sha = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.rope = Rope3D(cfg.rope_width, cfg.rope_theta)
         self.policy = cfg.position_policy()
-        self.config_hash = cfg.config_hash()
+        # streams, checkpoints and stored history are bound to the config and the weights
+        self.config_hash = cfg.config_hash() if self.weights_sha is None else f"{cfg.config_hash()}-{self.weights_sha}"
         self._steps = euler_steps(cfg.sigmas)
         grid_h, grid_w = cfg.grid
         self._spatial = self.rope.spatial_angles(grid_h, grid_w)  # (T_f, n_h + n_w), reused every chunk
+        self._pose_embedder = None  # retrieval keys of streams with a moving camera (built on first use)
+        self._worlds: OrderedDict[int, torch.Tensor] = OrderedDict()  # world seed -> rendered world (LRU)
 
     # ---- streams -----------------------------------------------------------------------------
     def new_stream(self, spec: StreamSpec) -> StreamState:
@@ -124,15 +132,41 @@ class Generator:
                 f"this generator runs {self.config_hash}"
             )
 
+    # ---- camera ------------------------------------------------------------------------------
+    def poses(self, spec: StreamSpec, frames: torch.Tensor) -> torch.Tensor | None:
+        """Camera poses [F, 2] (patches) of these frames of the stream, or None without a camera."""
+        traj = trajectory_of(spec)
+        return None if traj is None else traj.poses(frames)
+
+    def actions_for(self, spec: StreamSpec, frames: torch.Tensor) -> torch.Tensor:
+        """Per-frame actions [F, action_dim] from the stream's trajectory (zeros without one)."""
+        traj = trajectory_of(spec)
+        out = torch.zeros(len(frames), self.cfg.action_dim)
+        if traj is not None:
+            out[:, :2] = traj.actions_of(frames)
+        return out
+
+    def world_views(self, world: int, poses: torch.Tensor) -> torch.Tensor:
+        """True views [F, C, H, W] of procedural world ``world`` at these poses (patches)."""
+        if world not in self._worlds:
+            self._worlds[world] = render_world(world, WorldConfig(view=self.cfg.latent_height))
+            while len(self._worlds) > 8:
+                self._worlds.popitem(last=False)
+        return views(self._worlds[world], poses * self.cfg.patch, self.cfg.latent_height)
+
     # ---- positions ---------------------------------------------------------------------------
-    def _cos_sin(self, temporal_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for every token of frames with these temporal ids: [F*T_f, rope/2]."""
+    def _cos_sin(
+        self, temporal_ids: torch.Tensor, poses: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for every token of frames with these temporal ids (and camera poses): [F*T_f, rope/2]."""
         t_ang = self.rope.temporal_angles(temporal_ids)  # (F, n_t)
         n_f, t_f = t_ang.shape[0], self._spatial.shape[0]
-        # (F, 1, n_t) ++ (1, T_f, n_hw) -> (F*T_f, pairs)
-        ang = torch.cat(
-            [t_ang[:, None, :].expand(n_f, t_f, -1), self._spatial[None].expand(n_f, t_f, -1)], dim=-1
-        ).reshape(n_f * t_f, -1)
+        if poses is None:
+            spatial = self._spatial[None].expand(n_f, t_f, -1)
+        else:  # world-anchored grid: (F*T_f, n_hw) -> (F, T_f, n_hw)
+            spatial = self.rope.posed_spatial_angles(*self.cfg.grid, poses).reshape(n_f, t_f, -1)
+        # (F, 1, n_t) ++ (F, T_f, n_hw) -> (F*T_f, pairs)
+        ang = torch.cat([t_ang[:, None, :].expand(n_f, t_f, -1), spatial], dim=-1).reshape(n_f * t_f, -1)
         return torch.cos(ang).to(self.device, self.dtype), torch.sin(ang).to(self.device, self.dtype)
 
     def _context(
@@ -147,7 +181,8 @@ class Generator:
             for s in slots.tolist()
         ]
         q_ids = self.policy.temporal_ids(q_frames, q_kind, newest)
-        k_cos, k_sin = self._cos_sin(torch.cat([*ids, q_ids]))
+        frames = torch.cat([cache.frame_index[slots].to(torch.int64), q_frames.to(torch.int64)])
+        k_cos, k_sin = self._cos_sin(torch.cat([*ids, q_ids]), self.poses(state.spec, frames))
         t_f = self.cfg.tokens_per_frame
         n_ctx = len(ids) * t_f
         kinds = cache.kind_counts(slots)
@@ -218,9 +253,9 @@ class Generator:
             ctx = self._context(state, torch.tensor(fr), "memory", slots=sink)
             ctx.plan = AppendPlan(frames=fr, slots=own)
             lat = hit.latents.to(self.device, self.dtype)[None]  # (1, F, C, H, W)
-            zeros = torch.zeros(1, len(fr), self.cfg.action_dim, device=self.device, dtype=self.dtype)
+            acts = self.actions_for(state.spec, torch.tensor(fr))[None].to(self.device, self.dtype)
             sigma = torch.zeros(1, device=self.device)
-            self.model(lat, sigma, state.cond[None].to(self.dtype), zeros, [ctx], need_output=False)
+            self.model(lat, sigma, state.cond[None].to(self.dtype), acts, [ctx], need_output=False)
             lru[hit.chunk_index] = state.cache.export_slots(own)
             while len(lru) > self.memory_row_cache:
                 lru.popitem(last=False)
@@ -249,8 +284,8 @@ class Generator:
         shape = (f, cfg.latent_channels, cfg.latent_height, cfg.latent_width)
         x = torch.stack([chunk_noise(s.spec.seed, s.next_chunk, shape) for s in states]).to(self.device, self.dtype)
         cond = torch.stack([s.cond for s in states]).to(self.dtype)
-        if actions is None:
-            actions = torch.zeros(b, f, cfg.action_dim)
+        if actions is None:  # each stream's own trajectory (zeros without a camera)
+            actions = torch.stack([self.actions_for(s.spec, self._chunk_frames(s)) for s in states])
         actions = actions.to(self.device, self.dtype)
         if self.memory is not None:
             for s in states:
@@ -261,6 +296,10 @@ class Generator:
             sig = torch.full((b,), sigma, device=self.device)
             v = self.model(x, sig, cond, actions, ctxs)
             x = x + (sigma_next - sigma) * v  # Euler step of dx/dsigma = v
+        for i, s in enumerate(states):  # world prompt: chunk 0 is the true view, not a sample
+            if s.spec.world is not None and s.next_chunk == 0:
+                truth = self.world_views(s.spec.world, self.poses(s.spec, self._chunk_frames(s)))
+                x[i] = truth.to(self.device, self.dtype)
 
         # re-cache: the clean chunk at sigma = 0 writes its rows into every layer's cache
         spill = []  # sparse memory: rows of the frames the re-cache pass evicts from the window
@@ -278,14 +317,35 @@ class Generator:
         for i, s in enumerate(states):
             lat = x[i].float().cpu()
             frames = self.decode(lat) if self.can_decode else torch.empty(0, dtype=torch.uint8)
-            emb = self.embedder.embed(lat) if self.embedder is not None else None
+            emb, query = self._embed(s, lat)
             chunks.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk * f, lat, frames, emb, s.memory_chunks))
             s.next_chunk += 1
-            if emb is not None:
-                s.memory_query = torch.from_numpy(np.asarray(emb, dtype=np.float32).copy())
+            if query is not None:
+                s.memory_query = torch.from_numpy(np.asarray(query, dtype=np.float32).copy())
             if self.memory is not None:
                 self._prefetch(s)
         return chunks
+
+    def _embed(self, state: StreamState, latents: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The chunk's retrieval key, and the query the stream's next chunk retrieves with.
+
+        A stream with a moving camera is keyed by camera pose (the next chunk asks for the chunks whose
+        camera stood nearest to where it will stand); any other stream by the embedder's content key,
+        and it queries with its newest chunk's key (LongLive-RAG).
+        """
+        if self.embedder is None:
+            return None, None
+        traj = trajectory_of(state.spec)
+        if traj is None or not traj.moves:
+            emb = self.embedder.embed(latents)
+            return emb, emb
+        if self._pose_embedder is None:
+            from memory_store.embedders import PoseEmbedder
+
+            self._pose_embedder = PoseEmbedder(self.cfg.embedding_dim)
+        frames = self._chunk_frames(state)
+        emb = self._pose_embedder.embed_poses(traj.poses(frames))
+        return emb, self._pose_embedder.embed_poses(traj.poses(frames + self.cfg.frames_per_chunk))
 
     @property
     def can_decode(self) -> bool:

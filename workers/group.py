@@ -39,6 +39,7 @@ from workers.logs import configure_logging
 from workers.messages import WorkerSettings
 from workers.state import StreamState
 from workers.types import Chunk, StreamSpec
+from workers.weights import resolve
 from workers.worker import GeneratorWorkerImpl
 
 log = structlog.get_logger(__name__)
@@ -77,7 +78,8 @@ class GroupRankImpl:
         torch.set_num_threads(settings.threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         _init_process_group(rank, size, address, self.device)
-        self.gen = GroupGenerator(ModelConfig.from_dict(settings.model), Comm(), self.device)
+        cfg = ModelConfig.from_dict(settings.model)
+        self.gen = GroupGenerator(cfg, Comm(), self.device, weights=resolve(settings.weights, cfg))
         self.shards: dict[str, StreamState] = {}
         log.info("group.rank_start", worker_id=worker_id, rank=rank, size=size, pid=os.getpid())
 
@@ -110,9 +112,9 @@ class GroupEngine:
     (``adopt``) and keeps only their bookkeeping in sync afterwards.
     """
 
-    def __init__(self, cfg: ModelConfig, device: str, ranks: list, embedder=None):
+    def __init__(self, cfg: ModelConfig, device: str, ranks: list, embedder=None, weights: str | None = None):
         self.cfg, self.device, self.ranks, self.embedder = cfg, device, ranks, embedder
-        self.gen = GroupGenerator(cfg, Comm(), device)
+        self.gen = GroupGenerator(cfg, Comm(), device, weights=weights)
         self.config_hash = self.gen.config_hash
         self.shards: dict[str, StreamState] = {}
 
@@ -220,7 +222,7 @@ class GroupLeaderImpl(GeneratorWorkerImpl):
         _init_process_group(0, size, address, self.device)  # blocks until every rank has joined
         ray.get([r.pid.remote() for r in self.ranks], timeout=START_TIMEOUT_S)
         log.info("group.ready", worker_id=self.worker_id, size=size, address=address)
-        return GroupEngine(self.cfg, self.device, self.ranks, embedder)
+        return GroupEngine(self.cfg, self.device, self.ranks, embedder, weights=resolve(self.s.weights, self.cfg))
 
     def rank_pids(self) -> list[int]:
         """Process ids of every rank, rank 0 first."""

@@ -162,9 +162,16 @@ class GroupGenerator(Generator):
     form (which checkpoints and migrations use, so a group and a single worker read each other's state).
     """
 
-    def __init__(self, cfg: ModelConfig, comm: Comm, device: torch.device | str = "cpu", mla_form: str = "absorbed"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        comm: Comm,
+        device: torch.device | str = "cpu",
+        mla_form: str = "absorbed",
+        weights: str | None = None,
+    ):
         check_group(cfg, comm.size)
-        super().__init__(cfg, device=device, mla_form=mla_form)
+        super().__init__(cfg, device=device, mla_form=mla_form, weights=weights)
         self.comm = comm
         self.shard = Shard(comm.rank, comm.size, cfg.tokens_per_frame)
         self.layout = replace(cfg.cache_layout(), tokens_per_frame=self.shard.local_tokens)
@@ -262,7 +269,9 @@ class GroupGenerator(Generator):
         shape = (f, cfg.latent_channels, cfg.latent_height, cfg.latent_width)
         x = torch.stack([chunk_noise(s.spec.seed, s.next_chunk, shape) for s in states]).to(self.device, self.dtype)
         cond = torch.stack([s.cond for s in states]).to(self.dtype)
-        actions = (torch.zeros(b, f, cfg.action_dim) if actions is None else actions).to(self.device, self.dtype)
+        if actions is None:
+            actions = torch.stack([self.actions_for(s.spec, self._chunk_frames(s)) for s in states])
+        actions = actions.to(self.device, self.dtype)
         ctxs = []
         for s in states:
             ctx = self._context(s, self._chunk_frames(s))
@@ -271,6 +280,9 @@ class GroupGenerator(Generator):
         for sigma, sigma_next in self._steps:
             v = self._forward(x, torch.full((b,), sigma, device=self.device), cond, actions, ctxs)
             x = x + (sigma_next - sigma) * v  # Euler step of dx/dsigma = v
+        for i, s in enumerate(states):  # world prompt: chunk 0 is the true view (as Generator.step)
+            if s.spec.world is not None and s.next_chunk == 0:
+                x[i] = self.world_views(s.spec.world, self.poses(s.spec, self._chunk_frames(s))).to(x)
         for s, ctx in zip(states, ctxs):
             ctx.plan = s.cache.plan_append(self._chunk_frames(s).tolist())
         self._forward(x, torch.zeros(b, device=self.device), cond, actions, ctxs, need_output=False)

@@ -95,8 +95,10 @@ class GeneratorWorkerImpl(StreamMigration):
     def _make_generator(self, retriever, embedder):
         """The generator this worker steps (overridden by workers.group.GroupLeaderImpl)."""
         from workers.generator import Generator
+        from workers.weights import resolve
 
-        return Generator(self.cfg, device=self.device, memory=retriever, embedder=embedder)
+        weights = resolve(self.s.weights, self.cfg)
+        return Generator(self.cfg, device=self.device, weights=weights, memory=retriever, embedder=embedder)
 
     # ---- queries -----------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
