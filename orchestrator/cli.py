@@ -17,10 +17,22 @@ from orchestrator import status as status_cmd
 from orchestrator import stop as stop_cmd
 from orchestrator import submit as submit_cmd
 from orchestrator import train_embedder as train_embedder_cmd
+from orchestrator import train_world as train_world_cmd
 from orchestrator.cli_common import Parser, UsageError
 from workers.logs import configure_logging
 
-COMMANDS = [generate, plan, run_cmd, submit_cmd, status_cmd, stop_cmd, resume_cmd, export_cmd, train_embedder_cmd]
+COMMANDS = [
+    generate,
+    plan,
+    run_cmd,
+    submit_cmd,
+    status_cmd,
+    stop_cmd,
+    resume_cmd,
+    export_cmd,
+    train_embedder_cmd,
+    train_world_cmd,
+]
 
 
 def build_parser() -> Parser:
