@@ -85,7 +85,8 @@ def train_forward(
     t_in = timestep_embedding(sigma.reshape(-1), dim)  # (B*L, dim)
     t_emb = model.time_embed(t_in).reshape(b, n_f, dim) + model.cond_embed(cond)[:, None, :]
     e = model.time_proj(t_emb).reshape(b, n_f, 1, 6, dim)  # (B, L, 6*dim) -> (B, L, 1, 6, dim)
-    cos, sin = rope_tables(rope, cfg.grid, temporal_ids, poses)
+    cos, sin = rope_tables(rope, cfg.grid, temporal_ids.cpu(), poses.cpu())  # float64 angles on the CPU
+    cos, sin = cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)
     mask = frame_vis.repeat_interleave(t_f, 1).repeat_interleave(t_f, 2)  # (B, L*T, L*T)
 
     def per_token(v: torch.Tensor) -> torch.Tensor:  # (B, L, 1, dim) -> (B, L*T, dim)
