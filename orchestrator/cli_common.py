@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 from workers.config import MEMORY_MODES, PRESETS, ModelConfig
 
@@ -46,3 +47,73 @@ def build_config(args: argparse.Namespace) -> ModelConfig:
         )
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
+
+
+def add_world_options(p: argparse.ArgumentParser) -> None:
+    """Weights, camera trajectory and world prompt (the trained world model's inputs)."""
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="shipped | random | FILE.safetensors (default: shipped where they fit the model, else random)",
+    )
+    p.add_argument(
+        "--trajectory",
+        default=None,
+        help="camera path: revisit, still, none, or a JSON file of per-frame [dy, dx] moves in patches "
+        "(default: revisit with the shipped world model, else none)",
+    )
+    p.add_argument(
+        "--world",
+        type=int,
+        default=None,
+        help="procedural world seed; the first chunk is its true view (default: the stream's seed with a trajectory)",
+    )
+
+
+@dataclass(frozen=True)
+class WorldChoice:
+    weights: str  # "shipped", "random" or a path
+    trajectory: str  # "" (no camera), "still", "revisit" or "file"
+    actions: tuple[tuple[int, int], ...]  # the file's moves
+    world: int | None  # explicit world seed (None: each stream's seed when there is a trajectory)
+
+    def spec_fields(self, seed: int, trajectory: str | None = None, world: int | None = None) -> dict:
+        """StreamSpec keyword fields of one stream (per-stream trajectory/world override the options')."""
+        kind, actions = self.trajectory, self.actions
+        if trajectory is not None:
+            kind, actions = parse_trajectory(trajectory)
+        if not kind:
+            if world is not None:
+                raise UsageError("a world needs a camera trajectory (not 'none')")
+            return {}
+        w = world if world is not None else self.world if self.world is not None else seed
+        return {"trajectory": kind, "actions": actions, "world": w}
+
+
+def parse_trajectory(value: str) -> tuple[str, tuple[tuple[int, int], ...]]:
+    if value == "none":
+        return "", ()
+    from workers.trajectory import Trajectory
+
+    try:
+        t = Trajectory.parse(value)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    return t.kind, t.actions
+
+
+def world_choice(args: argparse.Namespace, cfg: ModelConfig) -> WorldChoice:
+    """Resolve --weights/--trajectory/--world against the model. Raises UsageError."""
+    from workers.weights import SHIPPED, default_weights, resolve
+
+    weights = args.weights or default_weights(cfg)
+    try:
+        resolve(weights, cfg)
+    except ValueError as e:
+        raise UsageError(f"--weights {weights}: {e}") from None
+    if args.world is not None and not 0 <= args.world < 2**63:
+        raise UsageError(f"--world must be in [0, 2**63), got {args.world}")
+    kind, actions = parse_trajectory(args.trajectory or ("revisit" if weights == SHIPPED else "none"))
+    if not kind and args.world is not None:
+        raise UsageError("--world needs a camera trajectory (not --trajectory none)")
+    return WorldChoice(weights, kind, actions, args.world)

@@ -13,7 +13,7 @@ import structlog
 import torch
 from tqdm import tqdm
 
-from orchestrator.cli_common import UsageError, add_model_options, build_config
+from orchestrator.cli_common import UsageError, add_model_options, add_world_options, build_config, world_choice
 from workers.generator import Generator
 from workers.types import StreamSpec
 from workers.video import Mp4Writer
@@ -41,6 +41,7 @@ def check_output_path(out: str, suffix: str = ".mp4") -> Path:
 def register(sub) -> None:
     g = sub.add_parser("generate", help="generate one stream in this process and write an mp4")
     add_model_options(g)
+    add_world_options(g)
     g.add_argument("--frames", type=int, required=True, help="number of frames to generate")
     g.add_argument("--out", required=True, help="output .mp4 file")
     g.add_argument(
@@ -101,15 +102,22 @@ def run_generate(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if not cfg.can_decode:
         raise UsageError(f"preset {cfg.name!r} has no VAE decoder here; it is for `longroll plan` and GPU benchmarks")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    world = world_choice(args, cfg)
+    spec = StreamSpec("generate", seed=args.seed, prompt=args.prompt, **world.spec_fields(args.seed))
+    from workers.weights import resolve
+
+    weights = resolve(world.weights, cfg)
     link = None
     if cfg.memory == "retrieval":
         link = open_generate_memory(args.memory_uri, out, cfg)
         from workers.memory import default_embedder
 
-        gen = Generator(cfg, memory=link.retriever, embedder=default_embedder(cfg))
+        gen = Generator(cfg, weights=weights, memory=link.retriever, embedder=default_embedder(cfg))
     else:
-        gen = Generator(cfg)
-    state = gen.new_stream(StreamSpec("generate", seed=args.seed, prompt=args.prompt))
+        gen = Generator(cfg, weights=weights)
+    state = gen.new_stream(spec)
     log.info("generate.start", preset=cfg.name, attention=cfg.attention, frames=args.frames, out=str(out))
     t0 = time.perf_counter()
     try:
@@ -141,4 +149,7 @@ def run_generate(args) -> dict:
         "attention": cfg.attention,
         "memory": cfg.memory,
         "memory_uri": link.config.uri if link is not None else None,
+        "weights": world.weights,
+        "trajectory": spec.trajectory or "none",
+        "world": spec.world,
     }

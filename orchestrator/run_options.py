@@ -11,7 +11,14 @@ import os
 import tomllib
 from pathlib import Path
 
-from orchestrator.cli_common import UsageError, add_model_options, build_config
+from orchestrator.cli_common import (
+    UsageError,
+    WorldChoice,
+    add_model_options,
+    add_world_options,
+    build_config,
+    world_choice,
+)
 from orchestrator.registry import RUN_FILE, RunSpec, StreamEntry
 from workers.types import StreamSpec
 
@@ -21,8 +28,11 @@ def add_run_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     before = len(p._actions)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--streams", type=int, default=None, help="N streams s0..s{N-1} with seeds S..S+N-1 (default 3)")
-    src.add_argument("--spec", default=None, help="TOML or JSON file: [[streams]] with id, seed, prompt, chunks")
+    src.add_argument(
+        "--spec", default=None, help="TOML or JSON file: [[streams]] with id, seed, prompt, chunks, trajectory, world"
+    )
     add_model_options(p)
+    add_world_options(p)
     length = p.add_mutually_exclusive_group()
     length.add_argument("--chunks", type=int, default=None, help="chunks per stream (default 12)")
     length.add_argument("--infinite", action="store_true", help="streams run until `longroll stop`")
@@ -94,7 +104,7 @@ def load_spec_file(path: str) -> list[dict]:
     return streams
 
 
-def build_streams(args) -> list[StreamEntry]:
+def build_streams(args, world: WorldChoice) -> list[StreamEntry]:
     default_chunks = None if args.infinite else (args.chunks if args.chunks is not None else 12)
     if args.spec is not None:
         raw = load_spec_file(args.spec)
@@ -104,14 +114,19 @@ def build_streams(args) -> list[StreamEntry]:
         raw = [{"id": f"s{i}", "seed": args.seed + i, "prompt": args.prompt} for i in range(n)]
     out, seen = [], set()
     for i, s in enumerate(raw):
-        unknown = set(s) - {"id", "seed", "prompt", "chunks"}
+        unknown = set(s) - {"id", "seed", "prompt", "chunks", "trajectory", "world"}
         if unknown:
-            raise UsageError(f"stream {i}: unknown keys {sorted(unknown)} (allowed: id, seed, prompt, chunks)")
+            raise UsageError(
+                f"stream {i}: unknown keys {sorted(unknown)} (allowed: id, seed, prompt, chunks, trajectory, world)"
+            )
         chunks = s.get("chunks", default_chunks)
         if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0):
             raise UsageError(f"stream {s.get('id')!r}: chunks must be a positive integer, got {chunks!r}")
         try:
-            spec = StreamSpec(s.get("id"), s.get("seed", 0), str(s.get("prompt", "")))
+            fields = world.spec_fields(s.get("seed", 0), s.get("trajectory"), s.get("world"))
+            spec = StreamSpec(s.get("id"), s.get("seed", 0), str(s.get("prompt", "")), **fields)
+        except UsageError as e:
+            raise UsageError(f"stream {i}: {e}") from None
         except (ValueError, TypeError) as e:
             raise UsageError(f"stream {i}: {e}") from None
         if spec.stream_id in seen:
@@ -153,7 +168,8 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
     seg = args.segment_chunks or args.checkpoint_every
     if args.checkpoint_every % seg:
         raise UsageError(f"--segment-chunks {seg} must divide --checkpoint-every {args.checkpoint_every}")
-    streams = build_streams(args)
+    world = world_choice(args, cfg)
+    streams = build_streams(args, world)
     out = Path(args.out)
     if check_out:
         if (out / RUN_FILE).exists():
@@ -177,6 +193,7 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
         streams_per_worker=args.streams_per_worker,
         worker_cpus=args.worker_cpus,
         group_size=args.group_size,
+        weights=world.weights,
         upscale=args.upscale,
         checkpoint_uri=args.checkpoint_uri,
         memory_uri=args.memory_uri,

@@ -1,5 +1,8 @@
 """A SIGKILLed worker in memory="retrieval" mode: the resumed streams warm their hot tier from the
-LanceDB table version their checkpoint recorded, and every frame equals an uninterrupted run."""
+LanceDB table version their checkpoint recorded, and every frame equals an uninterrupted run.
+
+Run twice: random weights with content-keyed retrieval, and the shipped world model with a moving
+camera, a world prompt and pose-keyed retrieval."""
 
 import os
 import signal
@@ -19,6 +22,7 @@ from workers.generator import Generator
 from workers.memory import MemoryLink, default_embedder
 from workers.types import StreamSpec
 from workers.video import Mp4Writer, read_mp4
+from workers.weights import resolve
 
 pytestmark = pytest.mark.slow
 CFG = replace(ModelConfig.from_name("tiny"), memory="retrieval")
@@ -32,10 +36,10 @@ def ray_session():
     ray.shutdown()
 
 
-def reference(spec: StreamSpec, tmp: Path) -> tuple[np.ndarray, list]:
+def reference(spec: StreamSpec, tmp: Path, weights: str | None) -> tuple[np.ndarray, list]:
     torch.set_num_threads(1)
     with MemoryLink(str(tmp / f"ref-{spec.stream_id}"), CFG) as link:
-        gen = Generator(CFG, memory=link.retriever, embedder=default_embedder(CFG))
+        gen = Generator(CFG, weights=resolve(weights, CFG), memory=link.retriever, embedder=default_embedder(CFG))
         state, mems = gen.new_stream(spec), []
         with Mp4Writer(tmp / f"ref-{spec.stream_id}.mp4", CFG.fps, upscale=UPSCALE, crf=0) as w:
             for _ in range(CHUNKS):
@@ -46,11 +50,15 @@ def reference(spec: StreamSpec, tmp: Path) -> tuple[np.ndarray, list]:
     return read_mp4(tmp / f"ref-{spec.stream_id}.mp4"), mems
 
 
-def test_sigkill_in_retrieval_mode_resumes_identically(ray_session, tmp_path):
+@pytest.mark.parametrize("world", [False, True], ids=["random-weights", "world-model"])
+def test_sigkill_in_retrieval_mode_resumes_identically(ray_session, tmp_path, world):
     out = tmp_path / "run"
-    streams = [StreamEntry(StreamSpec(f"r{i}", seed=30 + i), CHUNKS) for i in range(2)]
+    camera = dict(trajectory="revisit") if world else {}
+    streams = [StreamEntry(StreamSpec(f"r{i}", seed=30 + i, world=40 + i if world else None, **camera), CHUNKS)
+               for i in range(2)]  # fmt: skip
+    weights = "shipped" if world else None
     spec = RunSpec(out_dir=str(out.resolve()), model=CFG.to_dict(), streams=streams, workers=2,
-                   checkpoint_every=4, segment_chunks=2, upscale=UPSCALE)  # fmt: skip
+                   checkpoint_every=4, segment_chunks=2, upscale=UPSCALE, weights=weights)  # fmt: skip
     spec.save()
     orch = start_orchestrator(spec.out_dir)
     try:
@@ -69,6 +77,6 @@ def test_sigkill_in_retrieval_mode_resumes_identically(ray_session, tmp_path):
         m = json.loads((spec.stream_dir(sid) / "manifest.json").read_text())
         assert m["state"] == "done"
         got = np.concatenate([read_mp4(spec.stream_dir(sid) / s["file"]) for s in m["segments"]])
-        want, mems = reference(e.spec, tmp_path)
+        want, mems = reference(e.spec, tmp_path, weights)
         assert any(mems), "the reference never retrieved anything: the test would not exercise memory"
         assert got.shape == want.shape and np.array_equal(got, want), f"{sid}: frames differ"
