@@ -22,19 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from bench.tables import table  # noqa: E402
 from workers.config import ModelConfig  # noqa: E402
 from workers.generator import Generator  # noqa: E402
 from workers.types import StreamSpec  # noqa: E402
-
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    cols = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in cols[1:]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
 def bytes_table() -> None:

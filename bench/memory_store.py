@@ -29,6 +29,7 @@ import pyarrow as pa  # noqa: E402
 import structlog  # noqa: E402
 import torch  # noqa: E402
 
+from bench.tables import table  # noqa: E402
 from memory_store.config import MemoryStoreConfig  # noqa: E402
 from memory_store.db import connect, fetch_chunks, open_chunk_table  # noqa: E402
 from memory_store.hot_tier import HotTier  # noqa: E402
@@ -39,17 +40,6 @@ from memory_store.writer import MemoryWriter  # noqa: E402
 
 DIM, K, WINDOW, R = 64, 6, 2, 1  # embedding size, top-k, local window (chunks), LongLive-RAG's R
 TINY_SHAPE, SMALL_SHAPE = (3, 3, 32, 32), (1, 3, 8, 8)
-
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    cols = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in cols[1:]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    sys.stdout.flush()
 
 
 def pct(ts_s: list[float]) -> tuple[str, str]:
