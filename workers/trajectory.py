@@ -154,6 +154,28 @@ class Trajectory:
         return d
 
 
+def returns(poses: torch.Tensor, min_gap: int = 16, after: int = 3) -> list[tuple[int, int]]:
+    """(first visit, return) frame pairs at the same pose: the quality measure of memory.
+
+    A frame is a return only when the camera was last at that pose ``min_gap`` or more frames before
+    (waiting at a place is not a return); first visits count from frame ``after`` on (the frames
+    before are the prompt).
+
+    Args:
+        poses: [N, 2] poses of frames 0..N-1.
+    """
+    first: dict[tuple[int, int], int] = {}
+    last: dict[tuple[int, int], int] = {}
+    pairs = []
+    for t, p in enumerate(map(tuple, poses.tolist())):
+        if p in first and t - last[p] >= min_gap:
+            pairs.append((first[p], t))
+        elif p not in first and t >= after:
+            first[p] = t
+        last[p] = t
+    return pairs
+
+
 @lru_cache(maxsize=1024)
 def _cached(kind: str, seed: int, actions: tuple[tuple[int, int], ...]) -> Trajectory:
     return Trajectory(kind, seed=seed, actions=actions)

@@ -103,3 +103,12 @@ def test_pose_keys_rank_the_nearest_pose_first():
     sims = keys @ query
     assert np.argsort(-sims).tolist()[:3] == [0, 1, 2]
     assert abs(float(np.linalg.norm(query)) - 1) < 1e-6
+
+
+def test_returns_count_only_comebacks_beyond_the_gap():
+    from workers.trajectory import returns
+
+    # frames 0-2 prompt at (0, 0); 3-22 wait at (1, 1); leave; back at (1, 1) at 40; prompt pose at 60
+    poses = [(0, 0)] * 3 + [(1, 1)] * 20 + [(5, 5)] * 17 + [(1, 1)] + [(6, 6)] * 19 + [(0, 0)]
+    pairs = returns(torch.tensor(poses), min_gap=16)
+    assert pairs == [(3, 40)]  # waiting is not a return; prompt poses have no generated first visit
