@@ -22,6 +22,7 @@ from workers.config import ModelConfig
 from workers.generator import Generator
 from workers.types import StreamSpec
 from workers.video import Mp4Writer, read_mp4
+from workers.weights import resolve
 
 pytestmark = pytest.mark.slow
 TINY = ModelConfig.from_name("tiny")
@@ -38,12 +39,12 @@ def ray_session():
 _REFERENCE: dict[tuple, np.ndarray] = {}
 
 
-def reference_frames(spec: StreamSpec, chunks: int, tmp: Path) -> np.ndarray:
+def reference_frames(spec: StreamSpec, chunks: int, tmp: Path, weights: str | None = None) -> np.ndarray:
     """The stream generated uninterrupted in this process, through the same lossless mp4 path."""
-    key = (spec, chunks)
+    key = (spec, chunks, weights)
     if key not in _REFERENCE:
         torch.set_num_threads(1)
-        gen = Generator(TINY)
+        gen = Generator(TINY, weights=resolve(weights, TINY))
         state = gen.new_stream(spec)
         path = tmp / f"ref-{spec.stream_id}-{spec.seed}.mp4"
         with Mp4Writer(path, TINY.fps, upscale=UPSCALE, crf=0) as w:
@@ -90,7 +91,7 @@ def check_outputs(spec: RunSpec, tmp: Path) -> None:
         on_disk = sorted(p.name for p in (spec.stream_dir(sid) / "segments").iterdir())
         assert on_disk == [Path(s["file"]).name for s in m["segments"]], "stray or missing segment files"
         got = np.concatenate([read_mp4(spec.stream_dir(sid) / s["file"]) for s in m["segments"]])
-        want = reference_frames(e.spec, e.target_chunks, tmp)
+        want = reference_frames(e.spec, e.target_chunks, tmp, spec.weights)
         assert got.shape == want.shape and np.array_equal(got, want), f"{sid}: frames differ from uninterrupted run"
 
 
