@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	@rm -rf $(DEMO_RUN) && mkdir -p $(dir $(DEMO_OUT))
-	$(VENV)/bin/longroll run --streams $(DEMO_STREAMS) --chunks $(DEMO_CHUNKS) --workers 2 --out $(DEMO_RUN) --quiet
+	$(VENV)/bin/longroll run --streams $(DEMO_STREAMS) --chunks $(DEMO_CHUNKS) --workers 2 --memory retrieval --out $(DEMO_RUN) --quiet
 	$(VENV)/bin/longroll export s0 $(DEMO_OUT) --out $(DEMO_RUN)
 
 browser:
