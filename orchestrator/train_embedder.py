@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from memory_store.config import MemoryStoreConfig
-from memory_store.db import connect, list_streams
 from orchestrator.cli_common import UsageError
 from workers.types import validate_stream_id
 
@@ -27,7 +25,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    # imported here: LanceDB's runtime is not fork-safe, so the CLI loads it only when it is used
+    from memory_store.config import MemoryStoreConfig
     from memory_store.conv_ae import train_embedder
+    from memory_store.db import connect, list_streams
 
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
