@@ -95,6 +95,25 @@ class Rope3D:
         )
         return torch.remainder(grid.reshape(n_f * height * width, n_h + n_w), 2 * math.pi)
 
+    def frame_angles(
+        self, frame_ids: torch.Tensor, height: int, width: int, offsets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Angles of every token of the given frames: [F * height * width, dim / 2] float64.
+
+        Args:
+            frame_ids: [F] int64 temporal ids.
+            offsets: optional [F, 2] per-frame grid offsets (camera poses in tokens); see
+                :meth:`posed_spatial_angles`. None: every frame's grid starts at (0, 0).
+        """
+        t_ang = self.temporal_angles(frame_ids)  # (F, n_t)
+        n_frames, hw = t_ang.shape[0], height * width
+        if offsets is None:
+            s_ang = self.spatial_angles(height, width)[None].expand(n_frames, hw, -1)  # (F, hw, n_hw)
+        else:  # (F*hw, n_hw) -> (F, hw, n_hw)
+            s_ang = self.posed_spatial_angles(height, width, offsets).reshape(n_frames, hw, -1)
+        # (F, 1, n_t) ++ (F, hw, n_hw) -> (F, hw, pairs) -> (F*hw, pairs)
+        return torch.cat([t_ang[:, None, :].expand(n_frames, hw, -1), s_ang], dim=-1).reshape(n_frames * hw, -1)
+
     def cos_sin(
         self, frame_ids: torch.Tensor, height: int, width: int, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,13 +125,7 @@ class Rope3D:
         Returns:
             cos, sin: [F * height * width, dim / 2] in ``dtype``.
         """
-        t_ang = self.temporal_angles(frame_ids)  # (F, n_t)
-        s_ang = self.spatial_angles(height, width)  # (hw, n_h + n_w)
-        n_frames, hw = t_ang.shape[0], s_ang.shape[0]
-        # (F, 1, n_t) ++ (1, hw, n_hw) -> (F, hw, pairs) -> (F*hw, pairs)
-        ang = torch.cat(
-            [t_ang[:, None, :].expand(n_frames, hw, -1), s_ang[None, :, :].expand(n_frames, hw, -1)], dim=-1
-        ).reshape(n_frames * hw, -1)
+        ang = self.frame_angles(frame_ids, height, width)
         return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
 
 

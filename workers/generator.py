@@ -103,8 +103,6 @@ class Generator:
         # streams, checkpoints and stored history are bound to the config and the weights
         self.config_hash = cfg.config_hash() if self.weights_sha is None else f"{cfg.config_hash()}-{self.weights_sha}"
         self._steps = euler_steps(cfg.sigmas)
-        grid_h, grid_w = cfg.grid
-        self._spatial = self.rope.spatial_angles(grid_h, grid_w)  # (T_f, n_h + n_w), reused every chunk
         self._pose_embedder = None  # retrieval keys of streams with a moving camera (built on first use)
         self._worlds: OrderedDict[int, torch.Tensor] = OrderedDict()  # world seed -> rendered world (LRU)
 
@@ -154,19 +152,24 @@ class Generator:
                 self._worlds.popitem(last=False)
         return views(self._worlds[world], poses * self.cfg.patch, self.cfg.latent_height)
 
+    def _step_actions(self, states: Sequence[StreamState], actions: torch.Tensor | None) -> torch.Tensor:
+        """[B, F, action_dim] actions of a step: as given, else each stream's own trajectory."""
+        if actions is None:
+            actions = torch.stack([self.actions_for(s.spec, self._chunk_frames(s)) for s in states])
+        return actions.to(self.device, self.dtype)
+
+    def _apply_prompts(self, states: Sequence[StreamState], x: torch.Tensor) -> None:
+        """World prompt: chunk 0 of a world stream is its true view, not the sample (x: [B, F, C, H, W])."""
+        for i, s in enumerate(states):
+            if s.spec.world is not None and s.next_chunk == 0:
+                x[i] = self.world_views(s.spec.world, self.poses(s.spec, self._chunk_frames(s))).to(x)
+
     # ---- positions ---------------------------------------------------------------------------
     def _cos_sin(
         self, temporal_ids: torch.Tensor, poses: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every token of frames with these temporal ids (and camera poses): [F*T_f, rope/2]."""
-        t_ang = self.rope.temporal_angles(temporal_ids)  # (F, n_t)
-        n_f, t_f = t_ang.shape[0], self._spatial.shape[0]
-        if poses is None:
-            spatial = self._spatial[None].expand(n_f, t_f, -1)
-        else:  # world-anchored grid: (F*T_f, n_hw) -> (F, T_f, n_hw)
-            spatial = self.rope.posed_spatial_angles(*self.cfg.grid, poses).reshape(n_f, t_f, -1)
-        # (F, 1, n_t) ++ (F, T_f, n_hw) -> (F*T_f, pairs)
-        ang = torch.cat([t_ang[:, None, :].expand(n_f, t_f, -1), spatial], dim=-1).reshape(n_f * t_f, -1)
+        ang = self.rope.frame_angles(temporal_ids, *self.cfg.grid, poses)  # (F*T_f, pairs)
         return torch.cos(ang).to(self.device, self.dtype), torch.sin(ang).to(self.device, self.dtype)
 
     def _context(
@@ -284,9 +287,7 @@ class Generator:
         shape = (f, cfg.latent_channels, cfg.latent_height, cfg.latent_width)
         x = torch.stack([chunk_noise(s.spec.seed, s.next_chunk, shape) for s in states]).to(self.device, self.dtype)
         cond = torch.stack([s.cond for s in states]).to(self.dtype)
-        if actions is None:  # each stream's own trajectory (zeros without a camera)
-            actions = torch.stack([self.actions_for(s.spec, self._chunk_frames(s)) for s in states])
-        actions = actions.to(self.device, self.dtype)
+        actions = self._step_actions(states, actions)
         if self.memory is not None:
             for s in states:
                 self._refresh_memory(s)
@@ -296,10 +297,7 @@ class Generator:
             sig = torch.full((b,), sigma, device=self.device)
             v = self.model(x, sig, cond, actions, ctxs)
             x = x + (sigma_next - sigma) * v  # Euler step of dx/dsigma = v
-        for i, s in enumerate(states):  # world prompt: chunk 0 is the true view, not a sample
-            if s.spec.world is not None and s.next_chunk == 0:
-                truth = self.world_views(s.spec.world, self.poses(s.spec, self._chunk_frames(s)))
-                x[i] = truth.to(self.device, self.dtype)
+        self._apply_prompts(states, x)
 
         # re-cache: the clean chunk at sigma = 0 writes its rows into every layer's cache
         spill = []  # sparse memory: rows of the frames the re-cache pass evicts from the window

@@ -269,9 +269,7 @@ class GroupGenerator(Generator):
         shape = (f, cfg.latent_channels, cfg.latent_height, cfg.latent_width)
         x = torch.stack([chunk_noise(s.spec.seed, s.next_chunk, shape) for s in states]).to(self.device, self.dtype)
         cond = torch.stack([s.cond for s in states]).to(self.dtype)
-        if actions is None:
-            actions = torch.stack([self.actions_for(s.spec, self._chunk_frames(s)) for s in states])
-        actions = actions.to(self.device, self.dtype)
+        actions = self._step_actions(states, actions)
         ctxs = []
         for s in states:
             ctx = self._context(s, self._chunk_frames(s))
@@ -280,9 +278,7 @@ class GroupGenerator(Generator):
         for sigma, sigma_next in self._steps:
             v = self._forward(x, torch.full((b,), sigma, device=self.device), cond, actions, ctxs)
             x = x + (sigma_next - sigma) * v  # Euler step of dx/dsigma = v
-        for i, s in enumerate(states):  # world prompt: chunk 0 is the true view (as Generator.step)
-            if s.spec.world is not None and s.next_chunk == 0:
-                x[i] = self.world_views(s.spec.world, self.poses(s.spec, self._chunk_frames(s))).to(x)
+        self._apply_prompts(states, x)
         for s, ctx in zip(states, ctxs):
             ctx.plan = s.cache.plan_append(self._chunk_frames(s).tolist())
         self._forward(x, torch.zeros(b, device=self.device), cond, actions, ctxs, need_output=False)

@@ -21,13 +21,9 @@ from workers.model import CausalVideoDiT
 
 def rope_tables(rope: Rope3D, grid: tuple[int, int], tids: torch.Tensor, poses: torch.Tensor):
     """cos/sin [B, L*T, pairs] for frames with temporal ids [B, L] and camera poses [B, L, 2]."""
-    b, n_f = tids.shape
-    t_ang = rope.temporal_angles(tids.reshape(-1)).reshape(b, n_f, 1, -1)  # (B, L, 1, n_t)
-    s_ang = rope.posed_spatial_angles(*grid, poses.reshape(-1, 2))  # (B*L*T, n_hw)
-    t_f = grid[0] * grid[1]
-    s_ang = s_ang.reshape(b, n_f, t_f, -1)
-    # (B, L, T, n_t) ++ (B, L, T, n_hw) -> (B, L*T, pairs)
-    ang = torch.cat([t_ang.expand(b, n_f, t_f, -1), s_ang], dim=-1).reshape(b, n_f * t_f, -1)
+    b = tids.shape[0]
+    # (B*L*T, pairs) -> (B, L*T, pairs)
+    ang = rope.frame_angles(tids.reshape(-1), *grid, poses.reshape(-1, 2)).reshape(b, -1, rope.dim // 2)
     return torch.cos(ang).float(), torch.sin(ang).float()
 
 
