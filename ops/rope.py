@@ -144,3 +144,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos = cos.to(x.dtype)
     sin = sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs ``(x[2j], x[2j+1])`` by angle ``j`` (the layout of Wan and most video DiTs).
+
+    Same angles as :func:`apply_rope` (pair ``j`` of the temporal, then height, then width group), only
+    the pairs sit side by side instead of in split halves, so Wan checkpoints run without permuting
+    their q/k projections.
+
+    Args:
+        x: [..., D]; cos, sin: broadcastable to [..., D/2].
+    Returns:
+        Tensor of the same shape and dtype as x.
+    """
+    # (..., D) -> (..., D/2, 2)
+    pairs = x.unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
+    # (..., D/2) x2 -> (..., D/2, 2) -> (..., D)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)

@@ -8,6 +8,7 @@ written into that stream's cache for this layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,21 +52,44 @@ class MHAttention(nn.Module):
         # (B, S, 3*dim) -> (B, S, 3, H, D)
         q, k, v = self.qkv(x).reshape(b, s, 3, self.heads, self.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
-        outs = []
-        for i, ctx in enumerate(ctxs):
-            rows, _ = ctx.cache.read(layer, x.dtype, ctx.slots)  # (S_ctx, 2*H*D)
-            # (S_ctx, 2*H*D) -> (S_ctx, 2, H, D)
-            rows = rows.reshape(-1, 2, self.heads, self.head_dim)
-            k_all = torch.cat([rows[:, 0], k[i]], dim=0)  # (S_ctx + S, H, D)
-            v_all = torch.cat([rows[:, 1], v[i]], dim=0)
-            k_rot = apply_rope(k_all, ctx.k_cos[:, None, :], ctx.k_sin[:, None, :])
-            q_rot = apply_rope(q[i], ctx.q_cos[:, None, :], ctx.q_sin[:, None, :])
-            outs.append(dispatch.mha(q_rot, k_rot, v_all))
-            if ctx.plan is not None:
-                # (S, H, D) x2 -> (S, 2*H*D)
-                ctx.cache.write_slots(layer, ctx.plan.slots, torch.cat([k[i], v[i]], dim=-1).reshape(s, -1))
         # (B, S, H, D) -> (B, S, dim)
-        return self.out(torch.stack(outs).reshape(b, s, dim))
+        return self.out(cached_mha(q, k, v, layer, ctxs, apply_rope).reshape(b, s, dim))
+
+
+def cached_mha(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    ctxs: list[StreamContext],
+    rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Attention of each stream's chunk over its cached K/V rows and itself; writes rows on a re-cache pass.
+
+    The cache (kind ``mha``) holds ``[k (H*D) | v (H*D)]`` per token, k unrotated; ``rotate`` applies
+    the family's RoPE layout (split halves or interleaved pairs) to keys and queries on read.
+
+    Args:
+        q, k, v: [B, S, H, D] of the chunk's tokens (k after any q/k norm, not rotated).
+        ctxs: one StreamContext per batch row.
+    Returns:
+        [B, S, H, D] attention output.
+    """
+    b, s, heads, d = q.shape
+    outs = []
+    for i, ctx in enumerate(ctxs):
+        rows, _ = ctx.cache.read(layer, q.dtype, ctx.slots)  # (S_ctx, 2*H*D)
+        # (S_ctx, 2*H*D) -> (S_ctx, 2, H, D)
+        rows = rows.reshape(-1, 2, heads, d)
+        k_all = torch.cat([rows[:, 0], k[i]], dim=0)  # (S_ctx + S, H, D)
+        v_all = torch.cat([rows[:, 1], v[i]], dim=0)
+        k_rot = rotate(k_all, ctx.k_cos[:, None, :], ctx.k_sin[:, None, :])
+        q_rot = rotate(q[i], ctx.q_cos[:, None, :], ctx.q_sin[:, None, :])
+        outs.append(dispatch.mha(q_rot, k_rot, v_all))
+        if ctx.plan is not None:
+            # (S, H, D) x2 -> (S, H*D) x2 -> (S, 2*H*D): the [k | v] row that read() splits again
+            ctx.cache.write_slots(layer, ctx.plan.slots, torch.cat([k[i].reshape(s, -1), v[i].reshape(s, -1)], dim=-1))
+    return torch.stack(outs)
 
 
 class MLAttention(nn.Module):

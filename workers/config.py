@@ -12,6 +12,9 @@ from ops.positions import PositionPolicy
 from ops.rope import split_rope_pairs
 
 Attention = Literal["mha", "mla"]
+Family = Literal["tiny", "wan"]
+FAMILIES = ("tiny", "wan")
+SAMPLERS = ("euler", "renoise")
 MemoryMode = Literal["window", "retrieval", "sparse"]
 MEMORY_MODES = ("window", "retrieval", "sparse")
 
@@ -19,6 +22,7 @@ MEMORY_MODES = ("window", "retrieval", "sparse")
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"  # preset this config came from
+    family: Family = "tiny"  # model family: "tiny" (workers/models/tiny) or "wan" (workers/models/wan)
     # -- latent video ------------------------------------------------------------------------
     latent_channels: int = 3  # channels of a latent frame (tiny: RGB pixels; Wan VAE: 16)
     latent_height: int = 32  # latent frame height
@@ -31,8 +35,13 @@ class ModelConfig:
     dim: int = 128  # model width
     num_layers: int = 4  # transformer blocks
     num_heads: int = 4  # attention heads; head_dim = dim / num_heads
-    ffn_mult: int = 4  # FFN hidden = ffn_mult * dim
-    cond_dim: int = 32  # per-stream conditioning vector (stand-in for a text embedding)
+    ffn_mult: int = 4  # FFN hidden = ffn_mult * dim (when ffn_dim is 0)
+    ffn_dim: int = 0  # FFN hidden width; 0: ffn_mult * dim (Wan2.1-1.3B: 8960)
+    cond_dim: int = 32  # tiny: per-stream conditioning vector; wan: text embedding width (umT5-XXL: 4096)
+    text_len: int = 512  # wan: prompt embeddings are zero-padded to this many tokens
+    freq_dim: int = 256  # wan: width of the sinusoidal timestep embedding
+    cross_attn_norm: bool = True  # wan: LayerNorm before the text cross-attention
+    norm_eps: float = 1e-6  # wan: eps of the q/k RMSNorm and the LayerNorms
     action_dim: int = 2  # per-frame action (camera dx, dy); zeros when unused
     attention: Attention = "mla"  # "mha": per-head K/V cache; "mla": low-rank latent cache
     latent_dim: int = 64  # mla: d_c, shared latent width (a 4x4x3 patch is 48 values: room to copy one)
@@ -55,6 +64,9 @@ class ModelConfig:
     fp8_scale: Literal["token", "frame"] = "token"  # fp8 cache: scale granularity
     # -- sampling ------------------------------------------------------------------------------
     sigmas: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # flow-matching noise levels, one per step
+    denoising_steps: tuple[float, ...] = ()  # Self-Forcing's denoising_step_list (t in (0, 1000]); sets sigmas
+    shift: float = 1.0  # timestep shift applied to denoising_steps: s' = shift*s / (1 + (shift-1)*s)
+    sampler: Literal["euler", "renoise"] = "euler"  # euler: integrate v; renoise: x0, then fresh noise (Self-Forcing)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute dtype
     init_seed: int = 0  # seed of the random initialisation (used when no weights are loaded)
     # derived
@@ -62,6 +74,23 @@ class ModelConfig:
     tokens_per_frame: int = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"{self.family=} must be one of {FAMILIES}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"{self.sampler=} must be one of {SAMPLERS}")
+        if self.denoising_steps:
+            if self.shift <= 0 or any(not 0 < t <= 1000 for t in self.denoising_steps):
+                raise ValueError(f"{self.denoising_steps=} must lie in (0, 1000] and {self.shift=} must be > 0")
+            object.__setattr__(self, "sigmas", warp_sigmas(self.denoising_steps, self.shift))
+        if self.ffn_dim < 0:
+            raise ValueError(f"{self.ffn_dim=} must be >= 0")
+        if self.family == "wan":
+            if self.attention != "mha":
+                raise ValueError("the wan family caches per-head K/V: use attention='mha' (MLA conversion is separate)")
+            if self.memory == "sparse":
+                raise ValueError("memory='sparse' reads the latent (MLA) cache, which the wan family does not have")
+            if self.text_len < 1 or self.freq_dim < 2 or self.freq_dim % 2:
+                raise ValueError(f"{self.text_len=} must be >= 1 and {self.freq_dim=} even and >= 2")
         if self.dim % self.num_heads != 0:
             raise ValueError(f"{self.dim=} must be divisible by {self.num_heads=}")
         object.__setattr__(self, "head_dim", self.dim // self.num_heads)
@@ -132,6 +161,10 @@ class ModelConfig:
 
     # ---- derived objects ---------------------------------------------------------------------
     @property
+    def ffn_hidden(self) -> int:
+        return self.ffn_dim or self.ffn_mult * self.dim
+
+    @property
     def grid(self) -> tuple[int, int]:
         return self.latent_height // self.patch, self.latent_width // self.patch
 
@@ -199,11 +232,49 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
-        for key in ("vae_stride", "sigmas"):
+        for key in ("vae_stride", "sigmas", "denoising_steps"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
 
+
+def warp_sigmas(steps: tuple[float, ...], shift: float) -> tuple[float, ...]:
+    """Timesteps t in (0, 1000] -> noise levels, warped by the shift as Self-Forcing / Wan do.
+
+    ``[1000, 750, 500, 250]`` with shift 5 -> ``(1.0, 0.9375, 0.8333.., 0.625)``.
+    """
+    out = []
+    for t in steps:
+        s = t / 1000.0
+        out.append(shift * s / (1 + (shift - 1) * s))
+    return tuple(out)
+
+
+# Wan2.1-T2V-1.3B: the shapes every Wan-family preset shares (a checkpoint's own config.json overrides them)
+_WAN_1_3B = dict(
+    family="wan",
+    latent_channels=16,
+    latent_height=60,  # 480 / 8
+    latent_width=104,  # 832 / 8
+    patch=2,  # (1, 2, 2) -> 30 x 52 = 1560 tokens per latent frame
+    vae_stride=(4, 8, 8),
+    fps=16,
+    frames_per_chunk=3,
+    dim=1536,
+    num_layers=30,
+    num_heads=12,  # head_dim 128: rotary pairs 22 / 21 / 21 (t / h / w)
+    ffn_dim=8960,
+    cond_dim=4096,  # umT5-XXL width
+    text_len=512,
+    freq_dim=256,
+    attention="mha",  # the public checkpoints are MHA; K rows are cached after the q/k RMSNorm, unrotated
+    rope_theta=10000.0,
+    memory_frames=6,
+    dtype="bf16",
+    cache_dtype="bf16",
+    sampler="renoise",
+    denoising_steps=(1000.0, 750.0, 500.0, 250.0),
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # The CPU demo: 32x32 RGB frames, no VAE, 64 tokens per frame, 4 blocks of width 128.
@@ -221,7 +292,7 @@ PRESETS: dict[str, ModelConfig] = {
         dim=1536,
         num_layers=30,
         num_heads=12,
-        ffn_mult=6,  # 8960 in Wan2.1; rounded to 6 * 1536 = 9216
+        ffn_dim=8960,  # as Wan2.1
         cond_dim=4096,  # umT5-XXL width
         latent_dim=160,  # d_c + d_r = 224 (VideoMLA)
         rope_dim=64,
@@ -233,4 +304,20 @@ PRESETS: dict[str, ModelConfig] = {
         dtype="bf16",
         cache_dtype="bf16",
     ),
-}
+    # Self-Forcing (guandeh17/Self-Forcing): 21 latent frames of context, absolute frame ids as trained
+    "self-forcing-1.3b": ModelConfig(
+        name="self-forcing-1.3b", **_WAN_1_3B, sink_frames=0, window_frames=18, position="absolute",
+        max_temporal_id=20, shift=5.0,
+    ),
+    # CausVid (tianweiy/CausVid): the same rollout, timesteps warped with shift 8
+    "causvid-1.3b": ModelConfig(
+        name="causvid-1.3b", **_WAN_1_3B, sink_frames=0, window_frames=18, position="absolute",
+        max_temporal_id=20, shift=8.0,
+    ),
+    # LongLive (NVlabs/LongLive): a frame sink of 3 latent frames and local attention of 12 latent frames
+    # (sink + 6 cached + the 3 of the chunk); relative ids on read, as its infinite-length variant does
+    "longlive-1.3b": ModelConfig(
+        name="longlive-1.3b", **_WAN_1_3B, sink_frames=3, window_frames=6, position="relative",
+        max_temporal_id=11, shift=5.0,
+    ),
+}  # fmt: skip

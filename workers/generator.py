@@ -10,25 +10,23 @@ With no trained weights yet, the model is a seeded random initialisation (``Mode
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import structlog
 import torch
-from safetensors.torch import load_file
 
 from ops.latent_cache import AppendPlan, LatentKVCache
 from ops.rope import Rope3D
 from workers.attention import StreamContext
 from workers.config import ModelConfig
-from workers.model import CausalVideoDiT
-from workers.sampler import chunk_noise, euler_steps
+from workers.models.family import build_family
+from workers.models.source import ModelSource
+from workers.sampler import chunk_noise, euler_steps, sampler_update
 from workers.state import StreamState
 from workers.trajectory import trajectory_of
 from workers.types import Chunk, StreamSpec
@@ -50,12 +48,6 @@ class ChunkEmbedder(Protocol):
     def embed(self, latents: torch.Tensor) -> np.ndarray: ...
 
 
-def cond_vector(prompt: str, dim: int) -> torch.Tensor:
-    """Deterministic unit-variance vector for a prompt (stand-in for a text encoder)."""
-    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") & ((1 << 63) - 1)
-    return torch.randn(dim, generator=torch.Generator().manual_seed(seed))
-
-
 class Generator:
     def __init__(
         self,
@@ -65,16 +57,18 @@ class Generator:
         mla_form: str = "absorbed",
         memory: MemorySearch | None = None,
         embedder: ChunkEmbedder | None = None,
+        source: ModelSource | None = None,
     ):
         """
         Args:
-            cfg: model and rollout config.
+            cfg: model and rollout config (``cfg.family`` picks the model family).
             device: where the model and caches live.
-            weights: optional safetensors file of model weights (else the seeded random init).
+            weights: optional weights file (tiny: a safetensors state dict; else the seeded random init).
             mla_form: "absorbed" or "upprojected" MLA attention (same results).
             memory: the retrieval source, required for ``cfg.memory == "retrieval"``.
             embedder: computes each chunk's retrieval embedding (``Chunk.embedding``); required
                 with ``memory``.
+            source: all weights options of the family (replaces ``weights`` when given).
         Raises:
             ValueError: retrieval without a memory source or embedder.
         """
@@ -90,14 +84,10 @@ class Generator:
         self.retrieval_ms: dict[str, float] = {}  # per stream: how long its last step waited for retrieval
         self.device = torch.device(device)
         self.dtype = _DTYPES[cfg.dtype]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.init_seed)
-            model = CausalVideoDiT(cfg, mla_form)
-        self.weights_sha = None
-        if weights is not None:
-            model.load_state_dict(load_file(weights), strict=True)
-            self.weights_sha = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
-        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.family = build_family(cfg, self.device, self.dtype, source or ModelSource(weights=weights), mla_form)
+        self.model = getattr(self.family, "model", None)  # the family's nn.Module
+        self.weights_sha = self.family.weights_sha
+        self.trace: dict[str, torch.Tensor] | None = None  # set to {} to record every step (see record_trace)
         self.rope = Rope3D(cfg.rope_width, cfg.rope_theta)
         self.policy = cfg.position_policy()
         # streams, checkpoints and stored history are bound to the config and the weights
@@ -111,7 +101,7 @@ class Generator:
         return StreamState(
             spec=spec,
             config_hash=self.config_hash,
-            cond=cond_vector(spec.prompt, self.cfg.cond_dim).to(self.device),
+            cond=self.family.conditioning(spec),
             cache=LatentKVCache(self.cfg.cache_layout(), self.device),
             frames_per_chunk=self.cfg.frames_per_chunk,
         )
@@ -120,6 +110,7 @@ class Generator:
         """Drop per-stream caches (encoded memory rows, pending prefetches) of a stream that left."""
         self._memory_rows.pop(stream_id, None)
         self.retrieval_ms.pop(stream_id, None)
+        self.family.forget(stream_id)
         for key in [k for k in self._prefetched if k[0] == stream_id]:
             self._prefetched.pop(key).cancel()
 
@@ -258,7 +249,7 @@ class Generator:
             lat = hit.latents.to(self.device, self.dtype)[None]  # (1, F, C, H, W)
             acts = self.actions_for(state.spec, torch.tensor(fr))[None].to(self.device, self.dtype)
             sigma = torch.zeros(1, device=self.device)
-            self.model(lat, sigma, state.cond[None].to(self.dtype), acts, [ctx], need_output=False)
+            self.family.forward(lat, sigma, [state], acts, [ctx], need_output=False)
             lru[hit.chunk_index] = state.cache.export_slots(own)
             while len(lru) > self.memory_row_cache:
                 lru.popitem(last=False)
@@ -286,17 +277,19 @@ class Generator:
         b, f = len(states), cfg.frames_per_chunk
         shape = (f, cfg.latent_channels, cfg.latent_height, cfg.latent_width)
         x = torch.stack([chunk_noise(s.spec.seed, s.next_chunk, shape) for s in states]).to(self.device, self.dtype)
-        cond = torch.stack([s.cond for s in states]).to(self.dtype)
         actions = self._step_actions(states, actions)
         if self.memory is not None:
             for s in states:
                 self._refresh_memory(s)
         ctxs = [self._context(s, self._chunk_frames(s)) for s in states]
 
-        for sigma, sigma_next in self._steps:
+        for j, (sigma, sigma_next) in enumerate(self._steps):
             sig = torch.full((b,), sigma, device=self.device)
-            v = self.model(x, sig, cond, actions, ctxs)
-            x = x + (sigma_next - sigma) * v  # Euler step of dx/dsigma = v
+            v = self.family.forward(x, sig, states, actions, ctxs)
+            x0 = x - sigma * v  # flow matching: x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0
+            self.record_trace(states, j, x, sigma, x0)
+            x = sampler_update(cfg.sampler, x, v, x0, sigma, sigma_next, [s.spec.seed for s in states],
+                               [s.next_chunk for s in states], j)  # fmt: skip
         self._apply_prompts(states, x)
 
         # re-cache: the clean chunk at sigma = 0 writes its rows into every layer's cache
@@ -305,7 +298,7 @@ class Generator:
             ctx.plan = s.cache.plan_append(self._chunk_frames(s).tolist())
             if self.cfg.memory == "sparse" and ctx.plan.evicted:
                 spill.append((s, ctx.plan.evicted, s.cache.export_slots(ctx.plan.evicted_slots)))
-        self.model(x, torch.zeros(b, device=self.device), cond, actions, ctxs, need_output=False)
+        self.family.forward(x, torch.zeros(b, device=self.device), states, actions, ctxs, need_output=False)
 
         for s, ctx in zip(states, ctxs):
             s.cache.commit(ctx.plan)
@@ -317,12 +310,30 @@ class Generator:
             frames = self.decode(lat) if self.can_decode else torch.empty(0, dtype=torch.uint8)
             emb, query = self._embed(s, lat)
             chunks.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk * f, lat, frames, emb, s.memory_chunks))
+            if self.trace is not None:
+                self.trace[f"x.{s.stream_id}.{s.next_chunk}"] = lat
             s.next_chunk += 1
             if query is not None:
                 s.memory_query = torch.from_numpy(np.asarray(query, dtype=np.float32).copy())
             if self.memory is not None:
                 self._prefetch(s)
         return chunks
+
+    def record_trace(
+        self, states: Sequence[StreamState], step: int, x_t: torch.Tensor, sigma: float, x0: torch.Tensor
+    ) -> None:
+        """With ``self.trace`` set: ``x_t``/``sigma``/``x0`` of every stream's chunk at this denoising step.
+
+        Keys are ``x_t.{stream}.{chunk}.{step}`` etc.; ``longroll generate --trace`` writes them for its
+        one stream as ``x_t.{chunk}.{step}`` (see orchestrator/generate.py).
+        """
+        if self.trace is None:
+            return
+        for i, s in enumerate(states):
+            key = f"{s.stream_id}.{s.next_chunk}.{step}"
+            self.trace[f"x_t.{key}"] = x_t[i].float().cpu().clone()
+            self.trace[f"sigma.{key}"] = torch.tensor(float(sigma))
+            self.trace[f"x0.{key}"] = x0[i].float().cpu().clone()
 
     def _embed(self, state: StreamState, latents: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The chunk's retrieval key, and the query the stream's next chunk retrieves with.

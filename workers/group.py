@@ -33,10 +33,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ops.latent_cache import LatentKVCache
 from workers.config import ModelConfig
-from workers.generator import cond_vector
 from workers.group_parallel import Comm, GroupGenerator
 from workers.logs import configure_logging
 from workers.messages import WorkerSettings
+from workers.models.tiny import cond_vector
 from workers.state import StreamState
 from workers.types import Chunk, StreamSpec
 from workers.weights import resolve

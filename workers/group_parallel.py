@@ -31,8 +31,9 @@ from ops.latent_cache import LatentKVCache
 from ops.rope import apply_rope
 from workers.attention import MLAttention, StreamContext
 from workers.config import ModelConfig
-from workers.generator import Generator, cond_vector
+from workers.generator import Generator
 from workers.layers import modulate, patchify, unpatchify
+from workers.models.tiny import cond_vector
 from workers.sampler import chunk_noise
 from workers.state import StreamState
 from workers.types import Chunk, StreamSpec

@@ -27,7 +27,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=eps)
         self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=eps)
         self.attn = MLAttention(cfg, mla_form) if cfg.attention == "mla" else MHAttention(cfg)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_mult * cfg.dim)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden)
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) * cfg.dim**-0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, layer: int, ctxs: list[StreamContext]) -> torch.Tensor:

@@ -36,3 +36,34 @@ def euler_steps(sigmas: tuple[float, ...]) -> list[tuple[float, float]]:
     """(sigma, sigma_next) pairs from the configured levels down to 0."""
     levels = list(sigmas) + [0.0]
     return list(zip(levels[:-1], levels[1:]))
+
+
+def step_noise(seed: int, chunk_index: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Fresh noise of the re-noising sampler after denoising step ``step``: a function of (seed, chunk, step)."""
+    return chunk_noise(mix_seed(seed, chunk_index), step + 1, shape)
+
+
+def sampler_update(
+    kind: str,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    seeds: list[int],
+    chunks: list[int],
+    step: int,
+) -> torch.Tensor:
+    """One sampler step for a batch of chunks x [B, F, C, H, W] with predicted velocity v and clean x0.
+
+    ``euler``: x + (sigma_next - sigma) * v (integrates dx/dsigma = v).
+    ``renoise`` (Self-Forcing / CausVid / LongLive): the prediction x0, re-noised to sigma_next with
+    fresh noise drawn from the stream's seeded generator, ``(1 - sigma_next) * x0 + sigma_next * eps``;
+    the last step (sigma_next = 0) returns x0.
+    """
+    if kind == "euler":
+        return x + (sigma_next - sigma) * v
+    if sigma_next == 0:
+        return x0
+    eps = torch.stack([step_noise(s, c, step, tuple(x.shape[1:])) for s, c in zip(seeds, chunks)])
+    return (1 - sigma_next) * x0 + sigma_next * eps.to(x.device, x.dtype)

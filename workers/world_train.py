@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from ops.rope import Rope3D
 from workers.config import ModelConfig
-from workers.generator import cond_vector
 from workers.model import CausalVideoDiT
+from workers.models.tiny import cond_vector
 from workers.world_data import ContextSampler
 from workers.world_forward import train_forward
 

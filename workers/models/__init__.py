@@ -1,0 +1,1 @@
+"""Model families: each family is one implementation of :class:`workers.models.family.ModelFamily`."""
