@@ -1,8 +1,15 @@
-"""Per-stream output: mp4 segments named by chunk range, and ``manifest.json``.
+"""Per-stream output: segments named by chunk range, and ``manifest.json``.
 
-``DIR/streams/<id>/segments/<first:08d>-<last:08d>.mp4`` holds chunks first..last. A segment is
-encoded into a hidden file and renamed into place when it closes, so readers only ever see whole
-segments, and a segment regenerated after a recovery replaces its earlier copy under the same name.
+``DIR/streams/<id>/segments/<first:08d>-<last:08d>.mp4`` holds chunks first..last as video. A stream
+whose chunks carry no decoded frames (``chunk.frames`` empty: a model family without a VAE decoder
+yet) writes ``<first:08d>-<last:08d>.safetensors`` instead: one tensor ``latents`` ``[F_total, C, H, W]``
+float32 with metadata ``first_chunk`` / ``last_chunk`` / ``frames_per_chunk`` (workers.latent_segments).
+A stream's kind is decided by its first written chunk; the manifest's top-level ``"output"`` is
+``"mp4"`` or ``"latents"`` (``null`` before any chunk), each segment entry's ``file`` carries the
+suffix, and ``frames_per_chunk`` / ``frames_done`` count latent frames for a latent stream.
+
+A segment is encoded into a hidden file and renamed into place when it closes, so readers only ever
+see whole segments, and a segment regenerated after a recovery replaces its earlier copy under the same name.
 Segments close every ``segment_chunks`` chunks (aligned to multiples of it), at the stream's end and
 when the stream is stopped or moved; checkpoints are only taken at those boundaries, so a stream
 restarted from checkpoint ``c`` starts a fresh segment at ``c`` after deleting any segment at or past
@@ -17,20 +24,39 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 
+from workers.latent_segments import LatentSegmentWriter
 from workers.types import Chunk
 from workers.video import Mp4Writer
 
 log = structlog.get_logger(__name__)
 
-SEGMENT_RE = re.compile(r"^(\d{8})-(\d{8})\.mp4$")
+SUFFIXES = {"mp4": ".mp4", "latents": ".safetensors"}  # output kind -> segment file suffix
+KIND_OF_SUFFIX = {v: k for k, v in SUFFIXES.items()}
+SEGMENT_RE = re.compile(r"^(\d{8})-(\d{8})(\.mp4|\.safetensors)$")
 MANIFEST = "manifest.json"
 
 
-def segment_name(first: int, last: int) -> str:
-    return f"{first:08d}-{last:08d}.mp4"
+class Segment(NamedTuple):
+    first: int
+    last: int
+    kind: str  # "mp4" | "latents"
+
+    @property
+    def name(self) -> str:
+        return segment_name(self.first, self.last, self.kind)
+
+
+def segment_name(first: int, last: int, kind: str = "mp4") -> str:
+    return f"{first:08d}-{last:08d}{SUFFIXES[kind]}"
+
+
+def chunk_kind(chunk: Chunk) -> str:
+    """ "latents" when the chunk has no decoded frames, else "mp4"."""
+    return "latents" if chunk.frames.numel() == 0 else "mp4"
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -46,16 +72,21 @@ def read_manifest(stream_dir: Path) -> dict | None:
         return None
 
 
-def list_segments(seg_dir: Path) -> list[tuple[int, int]]:
-    """(first, last) chunk ranges of the committed segment files, ascending."""
+def segment_files(seg_dir: Path) -> list[Segment]:
+    """The committed segment files (mp4 and latent), ascending by chunk range."""
     if not seg_dir.is_dir():
         return []
     out = []
     for p in seg_dir.iterdir():
         m = SEGMENT_RE.match(p.name)
         if m:
-            out.append((int(m.group(1)), int(m.group(2))))
+            out.append(Segment(int(m.group(1)), int(m.group(2)), KIND_OF_SUFFIX[m.group(3)]))
     return sorted(out)
+
+
+def list_segments(seg_dir: Path) -> list[tuple[int, int]]:
+    """(first, last) chunk ranges of the committed segment files (either kind), ascending."""
+    return [(s.first, s.last) for s in segment_files(seg_dir)]
 
 
 class StreamOutput:
@@ -77,11 +108,12 @@ class StreamOutput:
         self.stream_id, self.fps, self.segment_chunks = stream_id, fps, segment_chunks
         self.target_chunks, self.keep_segments = target_chunks, keep_segments
         self.upscale, self.crf = upscale, crf
-        self._writer: Mp4Writer | None = None
+        self._writer: Mp4Writer | LatentSegmentWriter | None = None
         self._open_first: int | None = None
         self._open_last: int | None = None
+        self.kind: str | None = None  # "mp4" | "latents", decided by the first chunk written
         self.frames_per_chunk = 0
-        self.segments: list[tuple[int, int]] = []
+        self.segments: list[Segment] = []
         self.dropped_segments = 0
         self.chunks_done = 0
 
@@ -92,28 +124,38 @@ class StreamOutput:
         for p in self.seg_dir.iterdir():
             if p.name.startswith("."):  # an open segment of a worker that died
                 p.unlink(missing_ok=True)
-        for first, last in list_segments(self.seg_dir):
-            if last >= chunk:
-                if first < chunk:  # cannot happen when checkpoints sit on segment boundaries
-                    raise RuntimeError(f"{self.stream_id}: segment {first}-{last} straddles checkpoint {chunk}")
-                (self.seg_dir / segment_name(first, last)).unlink(missing_ok=True)
-                log.info("segment.discarded", stream_id=self.stream_id, chunk_index=first, last=last)
-        self.segments = list_segments(self.seg_dir)
+        for s in segment_files(self.seg_dir):
+            if s.last >= chunk:
+                if s.first < chunk:  # cannot happen when checkpoints sit on segment boundaries
+                    raise RuntimeError(f"{self.stream_id}: segment {s.name} straddles checkpoint {chunk}")
+                (self.seg_dir / s.name).unlink(missing_ok=True)
+                log.info("segment.discarded", stream_id=self.stream_id, chunk_index=s.first, last=s.last)
+        self.segments = segment_files(self.seg_dir)
         prev = read_manifest(self.dir) or {}
         self.dropped_segments = int(prev.get("dropped_segments", 0))
         self.frames_per_chunk = int(prev.get("frames_per_chunk", 0))
+        self.kind = self.segments[-1].kind if self.segments else prev.get("output")
         self.chunks_done = chunk
 
     def write(self, chunk: Chunk) -> bool:
         """Append a chunk; returns True if it closed a segment."""
+        kind = chunk_kind(chunk)
         if self._writer is None:
-            self._open_first = chunk.chunk_index
-            self._writer = Mp4Writer(
-                self.seg_dir / f".open-{chunk.chunk_index:08d}.mp4", self.fps, self.upscale, self.crf
-            )
+            other = [s for s in self.segments if s.kind != kind]
+            if other:  # one stream, one kind: a join of mixed segments would be meaningless
+                o = other[0]
+                raise RuntimeError(f"{self.stream_id}: chunk {chunk.chunk_index} is {kind}, {o.name} is {o.kind}")
+            self.kind, self._open_first = kind, chunk.chunk_index
+            path = self._open_path()
+            if kind == "mp4":
+                self._writer = Mp4Writer(path, self.fps, self.upscale, self.crf)
+            else:  # latents are held in memory until the segment closes (at most segment_chunks chunks)
+                self._writer = LatentSegmentWriter(path, chunk.chunk_index)
         elif chunk.chunk_index != self._open_last + 1:
             raise RuntimeError(f"{self.stream_id}: chunk {chunk.chunk_index} after {self._open_last}")
-        self._writer.write(chunk.frames)
+        elif kind != self.kind:
+            raise RuntimeError(f"{self.stream_id}: chunk {chunk.chunk_index} is {kind} in a {self.kind} segment")
+        self._writer.write(chunk.frames if kind == "mp4" else chunk.latents)
         self._open_last = chunk.chunk_index
         self.frames_per_chunk = chunk.num_frames
         end = chunk.chunk_index + 1
@@ -122,27 +164,33 @@ class StreamOutput:
             return True
         return False
 
+    def _open_path(self) -> Path:
+        return self.seg_dir / f".open-{self._open_first:08d}{SUFFIXES[self.kind]}"
+
     def close_segment(self) -> None:
         """Commit the open segment (if any) under its chunk-range name."""
         if self._writer is None:
             return
         tmp = self._writer.close()
-        first, last = self._open_first, self._open_last
-        os.replace(tmp, self.seg_dir / segment_name(first, last))
+        seg = Segment(self._open_first, self._open_last, self.kind)
+        os.replace(tmp, self.seg_dir / seg.name)
         self._writer, self._open_first, self._open_last = None, None, None
-        self.segments = [s for s in self.segments if s[0] != first] + [(first, last)]
-        self.chunks_done = last + 1
+        for old in self.segments:
+            if old.first == seg.first and old.name != seg.name:  # replaced by a segment of another range
+                (self.seg_dir / old.name).unlink(missing_ok=True)
+        self.segments = sorted([s for s in self.segments if s.first != seg.first] + [seg])
+        self.chunks_done = seg.last + 1
         if self.keep_segments is not None:
             while len(self.segments) > self.keep_segments:
-                f0, l0 = self.segments.pop(0)
-                (self.seg_dir / segment_name(f0, l0)).unlink(missing_ok=True)
+                old = self.segments.pop(0)
+                (self.seg_dir / old.name).unlink(missing_ok=True)
                 self.dropped_segments += 1
 
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.abort()
             with contextlib.suppress(FileNotFoundError):
-                (self.seg_dir / f".open-{self._open_first:08d}.mp4").unlink()
+                self._open_path().unlink()
             self._writer = None
 
     @property
@@ -160,8 +208,9 @@ class StreamOutput:
             "fps": self.fps,
             "target_chunks": self.target_chunks,
             "last_checkpoint": last_checkpoint,
+            "output": self.kind,
             "segments": [
-                {"first": f, "last": l, "file": f"segments/{segment_name(f, l)}"} for f, l in sorted(self.segments)
+                {"first": s.first, "last": s.last, "file": f"segments/{s.name}"} for s in sorted(self.segments)
             ],
             "dropped_segments": self.dropped_segments,
             "updated_at": time.time(),

@@ -68,10 +68,13 @@ class Chunk:
     chunk_index: int  # i: the i-th chunk of the stream
     first_frame: int  # absolute latent frame index of its first frame
     latents: torch.Tensor  # [F, C, H, W] clean latents (fp32, CPU)
-    frames: torch.Tensor  # [F * t_stride, H_px, W_px, 3] uint8 decoded video frames
+    frames: torch.Tensor  # [F * t_stride, H_px, W_px, 3] uint8 decoded video frames; empty: no decoder (latents only)
     embedding: np.ndarray | None = None  # float32 [E] retrieval embedding (when the generator has an embedder)
     memory_chunks: tuple[int, ...] = ()  # chunk indices that sat in the memory slots while it was generated
 
     @property
     def num_frames(self) -> int:
+        """Decoded frames, or latent frames (``latents.shape[0]``) for a latent-only chunk."""
+        if self.frames.numel() == 0 and self.latents.ndim == 4:
+            return int(self.latents.shape[0])
         return int(self.frames.shape[0])

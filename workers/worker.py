@@ -95,10 +95,15 @@ class GeneratorWorkerImpl(StreamMigration):
     def _make_generator(self, retriever, embedder):
         """The generator this worker steps (overridden by workers.group.GroupLeaderImpl)."""
         from workers.generator import Generator
-        from workers.weights import resolve
+        from workers.models.source import ModelSource
 
-        weights = resolve(self.s.weights, self.cfg)
-        return Generator(self.cfg, device=self.device, weights=weights, memory=retriever, embedder=embedder)
+        if self.s.model_source is not None:
+            source = ModelSource.from_dict(self.s.model_source)
+        else:
+            from workers.weights import resolve
+
+            source = ModelSource(weights=resolve(self.s.weights, self.cfg))
+        return Generator(self.cfg, device=self.device, memory=retriever, embedder=embedder, source=source)
 
     # ---- queries -----------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
@@ -115,7 +120,7 @@ class GeneratorWorkerImpl(StreamMigration):
         if every is not None and (now - h.preview_at >= every or state == "done"):
             h.preview_at = now
             try:
-                preview = preview_png(chunk.frames)
+                preview = preview_png(chunk.frames, latents=chunk.latents)
             except ValueError as e:  # a preview must never fail a step
                 log.warning("preview.failed", stream_id=sid, chunk_index=chunk.chunk_index, error=str(e))
         return StreamProgress(
