@@ -52,10 +52,10 @@ from bench.tables import table  # noqa: E402
 from workers.config import ModelConfig  # noqa: E402
 from workers.generator import Generator  # noqa: E402
 from workers.logs import configure_logging  # noqa: E402
-from workers.trajectory import returns  # noqa: E402
 from workers.types import StreamSpec  # noqa: E402
 from workers.weights import resolve  # noqa: E402
-from workers.world_data import HELD_OUT_WORLDS  # noqa: E402
+from workers.world.data import HELD_OUT_WORLDS  # noqa: E402
+from workers.world.trajectory import returns  # noqa: E402
 
 BINS = [(16, 48), (49, 96), (97, 192), (193, 384), (385, 10**9)]
 
@@ -105,8 +105,8 @@ def rollout(mode: str, world: int, frames: int, weights: str, progress: bool = T
             shutil.rmtree(tmp, ignore_errors=True)
     lat = torch.cat(out)[:frames]  # (N, C, H, W)
     idx = torch.arange(frames)
-    poses = gen.poses(spec, idx)
-    truth = gen.world_views(world, poses)
+    poses = gen.camera.poses(spec, idx)
+    truth = gen.camera.true_views(world, poses)
     return {"latents": lat, "poses": poses, "truth": truth, "fps": (n_chunks - 2) * cfg.frames_per_chunk / secs}
 
 

@@ -38,7 +38,7 @@ def world_model_config():
 def run(args) -> int:
     import torch
 
-    from workers.world_train import META, WEIGHTS, TrainConfig, train_world
+    from workers.world.train import META, WEIGHTS, TrainConfig, train_world
 
     try:
         tc = TrainConfig.from_name(args.recipe, steps=args.steps, batch=args.batch, lr=args.lr, threads=args.threads)

@@ -28,9 +28,8 @@ from workers.models.family import build_family
 from workers.models.source import ModelSource
 from workers.sampler import chunk_noise, euler_steps, sampler_update
 from workers.state import StreamState
-from workers.trajectory import trajectory_of
 from workers.types import Chunk, StreamSpec
-from workers.world import WorldConfig, render_world, views
+from workers.world.camera import StreamCamera
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = structlog.get_logger(__name__)
@@ -93,8 +92,7 @@ class Generator:
         # streams, checkpoints and stored history are bound to the config and the weights
         self.config_hash = cfg.config_hash() if self.weights_sha is None else f"{cfg.config_hash()}-{self.weights_sha}"
         self._steps = euler_steps(cfg.sigmas)
-        self._pose_embedder = None  # retrieval keys of streams with a moving camera (built on first use)
-        self._worlds: OrderedDict[int, torch.Tensor] = OrderedDict()  # world seed -> rendered world (LRU)
+        self.camera = StreamCamera(cfg)  # poses, actions and prompts of world-model streams
 
     # ---- streams -----------------------------------------------------------------------------
     def new_stream(self, spec: StreamSpec) -> StreamState:
@@ -121,39 +119,19 @@ class Generator:
                 f"this generator runs {self.config_hash}"
             )
 
-    # ---- camera ------------------------------------------------------------------------------
-    def poses(self, spec: StreamSpec, frames: torch.Tensor) -> torch.Tensor | None:
-        """Camera poses [F, 2] (patches) of these frames of the stream, or None without a camera."""
-        traj = trajectory_of(spec)
-        return None if traj is None else traj.poses(frames)
-
-    def actions_for(self, spec: StreamSpec, frames: torch.Tensor) -> torch.Tensor:
-        """Per-frame actions [F, action_dim] from the stream's trajectory (zeros without one)."""
-        traj = trajectory_of(spec)
-        out = torch.zeros(len(frames), self.cfg.action_dim)
-        if traj is not None:
-            out[:, :2] = traj.actions_of(frames)
-        return out
-
-    def world_views(self, world: int, poses: torch.Tensor) -> torch.Tensor:
-        """True views [F, C, H, W] of procedural world ``world`` at these poses (patches)."""
-        if world not in self._worlds:
-            self._worlds[world] = render_world(world, WorldConfig(view=self.cfg.latent_height))
-            while len(self._worlds) > 8:
-                self._worlds.popitem(last=False)
-        return views(self._worlds[world], poses * self.cfg.patch, self.cfg.latent_height)
-
+    # ---- camera (world-model streams) --------------------------------------------------------
     def _step_actions(self, states: Sequence[StreamState], actions: torch.Tensor | None) -> torch.Tensor:
         """[B, F, action_dim] actions of a step: as given, else each stream's own trajectory."""
         if actions is None:
-            actions = torch.stack([self.actions_for(s.spec, self._chunk_frames(s)) for s in states])
+            actions = torch.stack([self.camera.actions(s.spec, self._chunk_frames(s)) for s in states])
         return actions.to(self.device, self.dtype)
 
     def _apply_prompts(self, states: Sequence[StreamState], x: torch.Tensor) -> None:
         """World prompt: chunk 0 of a world stream is its true view, not the sample (x: [B, F, C, H, W])."""
         for i, s in enumerate(states):
-            if s.spec.world is not None and s.next_chunk == 0:
-                x[i] = self.world_views(s.spec.world, self.poses(s.spec, self._chunk_frames(s))).to(x)
+            view = self.camera.prompt_frames(s.spec, s.next_chunk, self._chunk_frames(s))
+            if view is not None:
+                x[i] = view.to(x)
 
     # ---- positions ---------------------------------------------------------------------------
     def _cos_sin(
@@ -176,7 +154,7 @@ class Generator:
         ]
         q_ids = self.policy.temporal_ids(q_frames, q_kind, newest)
         frames = torch.cat([cache.frame_index[slots].to(torch.int64), q_frames.to(torch.int64)])
-        k_cos, k_sin = self._cos_sin(torch.cat([*ids, q_ids]), self.poses(state.spec, frames))
+        k_cos, k_sin = self._cos_sin(torch.cat([*ids, q_ids]), self.camera.poses(state.spec, frames))
         t_f = self.cfg.tokens_per_frame
         n_ctx = len(ids) * t_f
         kinds = cache.kind_counts(slots)
@@ -247,7 +225,7 @@ class Generator:
             ctx = self._context(state, torch.tensor(fr), "memory", slots=sink)
             ctx.plan = AppendPlan(frames=fr, slots=own)
             lat = hit.latents.to(self.device, self.dtype)[None]  # (1, F, C, H, W)
-            acts = self.actions_for(state.spec, torch.tensor(fr))[None].to(self.device, self.dtype)
+            acts = self.camera.actions(state.spec, torch.tensor(fr))[None].to(self.device, self.dtype)
             sigma = torch.zeros(1, device=self.device)
             self.family.forward(lat, sigma, [state], acts, [ctx], need_output=False)
             lru[hit.chunk_index] = state.cache.export_slots(own)
@@ -310,8 +288,6 @@ class Generator:
             frames = self.decode(lat) if self.can_decode else torch.empty(0, dtype=torch.uint8)
             emb, query = self._embed(s, lat)
             chunks.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk * f, lat, frames, emb, s.memory_chunks))
-            if self.trace is not None:
-                self.trace[f"x.{s.stream_id}.{s.next_chunk}"] = lat
             s.next_chunk += 1
             if query is not None:
                 s.memory_query = torch.from_numpy(np.asarray(query, dtype=np.float32).copy())
@@ -344,17 +320,11 @@ class Generator:
         """
         if self.embedder is None:
             return None, None
-        traj = trajectory_of(state.spec)
-        if traj is None or not traj.moves:
-            emb = self.embedder.embed(latents)
-            return emb, emb
-        if self._pose_embedder is None:
-            from memory_store.embedders import PoseEmbedder
-
-            self._pose_embedder = PoseEmbedder(self.cfg.embedding_dim)
-        frames = self._chunk_frames(state)
-        emb = self._pose_embedder.embed_poses(traj.poses(frames))
-        return emb, self._pose_embedder.embed_poses(traj.poses(frames + self.cfg.frames_per_chunk))
+        keys = self.camera.pose_keys(state.spec, self._chunk_frames(state))
+        if keys is not None:
+            return keys
+        emb = self.embedder.embed(latents)
+        return emb, emb
 
     @property
     def can_decode(self) -> bool:

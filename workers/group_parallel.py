@@ -29,11 +29,12 @@ from torch import nn
 from ops import dispatch
 from ops.latent_cache import LatentKVCache
 from ops.rope import apply_rope
-from workers.attention import MLAttention, StreamContext
+from workers.attention import StreamContext
 from workers.config import ModelConfig
 from workers.generator import Generator
-from workers.layers import modulate, patchify, unpatchify
 from workers.models.tiny import cond_vector
+from workers.models.tiny.attention import MLAttention
+from workers.models.tiny.layers import modulate, patchify, unpatchify
 from workers.sampler import chunk_noise
 from workers.state import StreamState
 from workers.types import Chunk, StreamSpec

@@ -40,7 +40,7 @@ class StreamSpec:
         if self.world is not None and not self.trajectory:
             raise ValueError("a world prompt needs a camera trajectory (e.g. trajectory='still')")
         if self.trajectory:
-            from workers.trajectory import trajectory_of
+            from workers.world.trajectory import trajectory_of
 
             trajectory_of(self)  # validates name and actions
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from memory_store.embedders import PoseEmbedder
-from workers.trajectory import Trajectory, trajectory_of
 from workers.types import StreamSpec
-from workers.world import WorldConfig, render_world, views
+from workers.world.render import WorldConfig, render_world, views
+from workers.world.trajectory import Trajectory, trajectory_of
 
 
 def test_world_is_a_function_of_its_seed():
@@ -106,7 +106,7 @@ def test_pose_keys_rank_the_nearest_pose_first():
 
 
 def test_returns_count_only_comebacks_beyond_the_gap():
-    from workers.trajectory import returns
+    from workers.world.trajectory import returns
 
     # frames 0-2 prompt at (0, 0); 3-22 wait at (1, 1); leave; back at (1, 1) at 40; prompt pose at 60
     poses = [(0, 0)] * 3 + [(1, 1)] * 20 + [(5, 5)] * 17 + [(1, 1)] + [(6, 6)] * 19 + [(0, 0)]

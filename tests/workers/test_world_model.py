@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from ops.rope import Rope3D
 from workers.config import ModelConfig
 from workers.generator import Generator
-from workers.model import CausalVideoDiT
+from workers.models.tiny.model import CausalVideoDiT
 from workers.types import StreamSpec
 from workers.weights import WORLD_TINY, default_weights, resolve, shipped_fits
-from workers.world_forward import train_forward
+from workers.world.forward import train_forward
 
 CLI = [sys.executable, "-m", "orchestrator.cli"]
 
@@ -38,7 +38,7 @@ def test_training_forward_equals_the_generator_forward():
             x,
             torch.tensor([0.75]),
             state.cond[None],
-            gen.actions_for(spec, frames)[None],
+            gen.camera.actions(spec, frames)[None],
             [gen._context(state, frames)],
         )
     pol = cfg.position_policy()
@@ -49,8 +49,9 @@ def test_training_forward_equals_the_generator_forward():
     with torch.no_grad():
         v_tr = train_forward(
             gen.model, Rope3D(cfg.rope_width, cfg.rope_theta), torch.cat([c0.latents[None], x], 1),
-            torch.tensor([[0, 0, 0, 0.75, 0.75, 0.75]]), state.cond[None], gen.actions_for(spec, torch.arange(6))[None],
-            tids[None], gen.poses(spec, torch.arange(6))[None], vis[None], out,
+            torch.tensor([[0, 0, 0, 0.75, 0.75, 0.75]]), state.cond[None],
+            gen.camera.actions(spec, torch.arange(6))[None],
+            tids[None], gen.camera.poses(spec, torch.arange(6))[None], vis[None], out,
         )  # fmt: skip
     err = (v_tr - v_inf).pow(2).mean().sqrt() / v_inf.pow(2).mean().sqrt()
     assert err < 1e-5, f"RMS-relative difference {err:.2e}"
@@ -62,10 +63,10 @@ def test_world_prompt_is_the_true_view_and_the_camera_moves():
     spec = StreamSpec("s", seed=1, trajectory="revisit", world=77)
     state = gen.new_stream(spec)
     c0, c1 = gen.step([state])[0], gen.step([state])[0]
-    truth = gen.world_views(77, gen.poses(spec, torch.arange(6)))
+    truth = gen.camera.true_views(77, gen.camera.poses(spec, torch.arange(6)))
     assert torch.equal(c0.latents, truth[:3])  # the prompt chunk is the world itself
     assert not torch.allclose(c1.latents, truth[3:], atol=0.05)  # later chunks are generated
-    assert gen.actions_for(spec, torch.arange(6)).abs().sum() > 0
+    assert gen.camera.actions(spec, torch.arange(6)).abs().sum() > 0
 
 
 def test_pose_keyed_retrieval_brings_back_the_first_visit(tmp_path):
@@ -81,7 +82,7 @@ def test_pose_keyed_retrieval_brings_back_the_first_visit(tmp_path):
             (c,) = gen.step([state])
             link.publish(c)
             chunks.append(c)
-    poses = gen.poses(spec, torch.arange(270))
+    poses = gen.camera.poses(spec, torch.arange(270))
     checked = 0
     for c in chunks[10:]:
         here = {tuple(p) for p in poses[c.first_frame : c.first_frame + 3].tolist()}
@@ -177,7 +178,7 @@ def test_generate_world_options_bad_input(tmp_path, args, match):
 def _revisit_psnr(cfg: ModelConfig, world: int, frames: int, tmp_path) -> float:
     """Mean PSNR (dB) between the views at returns beyond the window and at the first visits."""
     from workers.memory import MemoryLink, default_embedder
-    from workers.trajectory import returns
+    from workers.world.trajectory import returns
 
     spec = StreamSpec("q", seed=world % 1000, trajectory="revisit", world=world)
     link = MemoryLink(str(tmp_path / f"m-{cfg.memory}"), cfg) if cfg.memory == "retrieval" else None
@@ -194,7 +195,7 @@ def _revisit_psnr(cfg: ModelConfig, world: int, frames: int, tmp_path) -> float:
         if link is not None:
             link.close()
     lat = torch.cat(out)
-    pairs = returns(gen.poses(spec, torch.arange(len(lat))))
+    pairs = returns(gen.camera.poses(spec, torch.arange(len(lat))))
     assert len(pairs) >= 20, "the trajectory must come back to places in this many frames"
     mse = torch.stack([((lat[t] - lat[t0]) / 2).pow(2).mean() for t0, t in pairs])
     return float((-10 * torch.log10(mse.clamp_min(1e-10))).mean())
@@ -203,7 +204,7 @@ def _revisit_psnr(cfg: ModelConfig, world: int, frames: int, tmp_path) -> float:
 @pytest.mark.slow
 def test_the_shipped_model_remembers_with_retrieval_and_forgets_without(tmp_path):
     """On a held-out world, returns beyond the window look like the first visit with retrieval, not without."""
-    from workers.world_data import HELD_OUT_WORLDS
+    from workers.world.data import HELD_OUT_WORLDS
 
     torch.set_num_threads(1)
     base = ModelConfig.from_name("tiny")

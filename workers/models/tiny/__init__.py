@@ -1,4 +1,4 @@
-"""The tiny family: longroll's small causal video DiT (workers/model.py), also the world model.
+"""The tiny family: longroll's small causal video DiT (workers/models/tiny/model.py), also the world model.
 
 Conditioning is a per-stream vector hashed from the prompt (a stand-in for a text encoder), fed to
 AdaLN; per-frame actions steer the world model's camera.
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from ops.rope import apply_rope
 from workers.attention import StreamContext
 from workers.config import ModelConfig
-from workers.model import CausalVideoDiT
+from workers.models.tiny.model import CausalVideoDiT
 from workers.types import StreamSpec
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.attention import MHAttention, MLAttention, StreamContext
+from workers.attention import StreamContext
 from workers.config import ModelConfig
-from workers.layers import FeedForward, modulate, patchify, timestep_embedding, unpatchify
+from workers.models.tiny.attention import MHAttention, MLAttention
+from workers.models.tiny.layers import FeedForward, modulate, patchify, timestep_embedding, unpatchify
 
 
 class Block(nn.Module):

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ops.rope import Rope3D, apply_rope
-from workers.attention import MLAttention
-from workers.layers import patchify, timestep_embedding, unpatchify
-from workers.model import CausalVideoDiT
+from workers.models.tiny.attention import MLAttention
+from workers.models.tiny.layers import patchify, timestep_embedding, unpatchify
+from workers.models.tiny.model import CausalVideoDiT
 
 
 def rope_tables(rope: Rope3D, grid: tuple[int, int], tids: torch.Tensor, poses: torch.Tensor):

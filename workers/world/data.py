@@ -28,8 +28,8 @@ import torch
 
 from memory_store.embedders import PoseEmbedder
 from workers.config import ModelConfig
-from workers.trajectory import Trajectory
-from workers.world import WorldConfig, render_world, views
+from workers.world.render import WorldConfig, render_world, views
+from workers.world.trajectory import Trajectory
 
 HELD_OUT_WORLDS = 10**9  # world seeds from here on are never trained on (the quality benchmark's)
 

@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from ops.rope import Rope3D
 from workers.config import ModelConfig
-from workers.model import CausalVideoDiT
 from workers.models.tiny import cond_vector
-from workers.world_data import ContextSampler
-from workers.world_forward import train_forward
+from workers.models.tiny.model import CausalVideoDiT
+from workers.world.data import ContextSampler
+from workers.world.forward import train_forward
 
 log = structlog.get_logger(__name__)
 STATE = "train_state.safetensors"
