@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from orchestrator import convert_weights as convert_weights_cmd
 from orchestrator import export as export_cmd
 from orchestrator import generate, plan
 from orchestrator import resume as resume_cmd
@@ -32,6 +33,7 @@ COMMANDS = [
     export_cmd,
     train_embedder_cmd,
     train_world_cmd,
+    convert_weights_cmd,
 ]
 
 

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from workers.config import MEMORY_MODES, PRESETS, ModelConfig
+from workers.models.source import ModelSource
 
 
 class UsageError(ValueError):
@@ -32,11 +33,59 @@ def add_model_options(p: argparse.ArgumentParser, memory: bool = True) -> None:
         default=None,
         help="cache storage dtype (fp8: e4m3 MLA latent with per-token scales)",
     )
+    r = p.add_argument_group("rollout (default: the preset's; a --config file, then these flags, override it)")
+    r.add_argument(
+        "--config",
+        default=None,
+        help="YAML/TOML rollout settings: longroll's names or a Self-Forcing / CausVid / LongLive inference YAML",
+    )
+    r.add_argument("--sink-frames", type=int, default=None, help="latent frames of the frame sink")
+    r.add_argument("--window-frames", type=int, default=None, help="latent frames of the local window ring")
+    r.add_argument("--frames-per-chunk", type=int, default=None, help="latent frames generated per step")
+    r.add_argument(
+        "--denoising-steps", default=None, help="comma-separated timesteps in (0, 1000], e.g. 1000,750,500,250"
+    )
+    r.add_argument("--shift", type=float, default=None, help="timestep shift applied to the denoising steps")
+    r.add_argument("--position", choices=["absolute", "relative"], default=None, help="temporal id policy")
+    r.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="compute dtype")
+    r.add_argument("--height", type=int, default=None, help="video height in pixels (latent = height / VAE stride)")
+    r.add_argument("--width", type=int, default=None, help="video width in pixels (latent = width / VAE stride)")
+
+
+def _rollout_flags(args: argparse.Namespace, base: ModelConfig) -> dict:
+    """ModelConfig overrides from --config and the rollout flags (flags win). Raises UsageError."""
+    out: dict = {}
+    if getattr(args, "config", None):
+        from orchestrator.rollout_config import rollout_overrides
+
+        found, ignored = rollout_overrides(args.config, base.frames_per_chunk, base.sink_frames)
+        out.update(found)
+        if ignored:
+            print(f"note: {args.config}: ignored keys not about the rollout: {', '.join(ignored)}", file=sys.stderr)
+    for flag in ("sink_frames", "window_frames", "frames_per_chunk", "shift", "position", "dtype"):
+        if getattr(args, flag, None) is not None:
+            out[flag] = getattr(args, flag)
+    steps = getattr(args, "denoising_steps", None)
+    if steps is not None:
+        try:
+            out["denoising_steps"] = tuple(float(t) for t in steps.split(",") if t.strip())
+        except ValueError:
+            raise UsageError(f"--denoising-steps must be comma-separated numbers, got {steps!r}") from None
+    for flag, field_name in (("height", "latent_height"), ("width", "latent_width")):
+        px = getattr(args, flag, None)
+        if px is None:
+            continue
+        stride = base.vae_stride[1]
+        if px <= 0 or px % (stride * base.patch):
+            raise UsageError(f"--{flag} {px} must be a positive multiple of {stride * base.patch} (VAE stride x patch)")
+        out[field_name] = px // stride
+    return out
 
 
 def build_config(args: argparse.Namespace) -> ModelConfig:
     """ModelConfig from the model options; invalid combinations become a UsageError."""
     try:
+        base = ModelConfig.from_name(args.preset)
         return ModelConfig.from_name(
             args.preset,
             attention=args.attention,
@@ -44,17 +93,22 @@ def build_config(args: argparse.Namespace) -> ModelConfig:
             latent_dim=args.latent_dim,
             rope_dim=args.rope_dim,
             cache_dtype=args.cache_dtype,
+            **_rollout_flags(args, base),
         )
     except (ValueError, TypeError) as e:
+        if isinstance(e, UsageError):
+            raise
         raise UsageError(str(e)) from None
 
 
 def add_world_options(p: argparse.ArgumentParser) -> None:
-    """Weights, camera trajectory and world prompt (the trained world model's inputs)."""
+    """Weights, camera trajectory and world prompt (the trained world model's inputs), and Wan's weights parts."""
     p.add_argument(
         "--weights",
         default=None,
-        help="shipped | random | FILE.safetensors (default: shipped where they fit the model, else random)",
+        help="tiny: shipped | random | FILE.safetensors (default: shipped where they fit the model, else random); "
+        "wan presets: a diffusers transformer or pipeline folder, an original Wan2.1 folder, a Self-Forcing / "
+        "CausVid / LongLive .pt or a converted .safetensors (default: random init)",
     )
     p.add_argument(
         "--trajectory",
@@ -67,6 +121,18 @@ def add_world_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="procedural world seed; the first chunk is its true view (default: the stream's seed with a trajectory)",
+    )
+    w = p.add_argument_group("wan weights")
+    w.add_argument("--base", default=None, help="folder whose config.json gives a bare .pt its shapes")
+    w.add_argument("--lora", default=None, help="LongLive LoRA file, merged into the weights at load")
+    w.add_argument("--no-ema", action="store_true", help="a Self-Forcing .pt's generator, not generator_ema")
+    w.add_argument(
+        "--prompt-embeds",
+        default=None,
+        help="safetensors with tensor prompt_embeds [L, text_dim] (unpadded): skips the text encoder",
+    )
+    w.add_argument(
+        "--text-encoder", default=None, help="folder with text_encoder/ and tokenizer/ (umT5) if the weights have none"
     )
 
 
@@ -93,7 +159,7 @@ class WorldChoice:
 def parse_trajectory(value: str) -> tuple[str, tuple[tuple[int, int], ...]]:
     if value == "none":
         return "", ()
-    from workers.trajectory import Trajectory
+    from workers.world.trajectory import Trajectory
 
     try:
         t = Trajectory.parse(value)
@@ -117,3 +183,59 @@ def world_choice(args: argparse.Namespace, cfg: ModelConfig) -> WorldChoice:
     if not kind and args.world is not None:
         raise UsageError("--world needs a camera trajectory (not --trajectory none)")
     return WorldChoice(weights, kind, actions, args.world)
+
+
+def wan_source(args: argparse.Namespace, cfg: ModelConfig) -> tuple[ModelConfig, ModelSource]:
+    """Resolve a Wan-family model's weights options; the config takes the weights' own shapes.
+
+    Every check that can fail on bad input runs here, before anything is written: the weights'
+    layout and keys, the prompt embeddings file, and that the prompt can be encoded at all.
+    Raises:
+        UsageError: with one line saying what is wrong.
+    """
+    if getattr(args, "trajectory", None) not in (None, "none") or getattr(args, "world", None) is not None:
+        raise UsageError("--trajectory and --world are for the world model; wan presets have no camera")
+    weights = None if args.weights in (None, "", "random") else args.weights
+    if weights is None and (args.base or args.lora):
+        raise UsageError("--base and --lora need --weights")
+    source = ModelSource(
+        weights=weights, base=args.base, lora=args.lora, ema=not args.no_ema,
+        prompt_embeds=args.prompt_embeds, text_encoder=args.text_encoder,
+    )  # fmt: skip
+    parts = None
+    if weights is not None:
+        from workers.models.wan.family import config_for_weights
+        from workers.models.wan.weights import WeightsError, check_source, resolve_source
+
+        try:
+            parts = resolve_source(weights, args.base, args.lora)
+            cfg = config_for_weights(cfg, parts.config)
+            check_source(parts, cfg_transformer_config(cfg), ema=source.ema)
+        except WeightsError as e:
+            raise UsageError(f"--weights {weights}: {e}") from None
+        except ValueError as e:
+            raise UsageError(f"--weights {weights}: {e}") from None
+    if source.prompt_embeds is not None:
+        from workers.models.wan.text import TextError, load_prompt_embeds
+
+        try:
+            load_prompt_embeds(source.prompt_embeds, cfg.cond_dim, cfg.text_len)
+        except TextError as e:
+            raise UsageError(str(e)) from None
+    elif source.text_encoder is not None:
+        from pathlib import Path
+
+        root = Path(source.text_encoder)
+        if not (root / "text_encoder").is_dir() or not (root / "tokenizer").is_dir():
+            raise UsageError(f"--text-encoder {root} needs text_encoder/ and tokenizer/ folders (a diffusers pipeline)")
+    elif weights is not None and not (parts.text_encoder_dir and parts.tokenizer_dir):
+        raise UsageError(
+            f"no umT5 text encoder beside {weights}: pass --prompt-embeds FILE.safetensors or --text-encoder DIR"
+        )
+    return cfg, source
+
+
+def cfg_transformer_config(cfg: ModelConfig) -> dict:
+    from workers.models.wan.model import transformer_config
+
+    return transformer_config(cfg)

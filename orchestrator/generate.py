@@ -1,8 +1,14 @@
-"""`longroll generate`: one stream in this process, written to an mp4."""
+"""`longroll generate`: one stream in this process, written to an mp4 and/or a latents file.
+
+With a Wan preset (no VAE decoder yet) it writes latents (``--latents-out``); ``--trace`` records every
+denoising step for parity checks against a reference pipeline.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -13,8 +19,16 @@ import structlog
 import torch
 from tqdm import tqdm
 
-from orchestrator.cli_common import UsageError, add_model_options, add_world_options, build_config, world_choice
+from orchestrator.cli_common import (
+    UsageError,
+    add_model_options,
+    add_world_options,
+    build_config,
+    wan_source,
+    world_choice,
+)
 from workers.generator import Generator
+from workers.models.source import ModelSource
 from workers.types import StreamSpec
 from workers.video import Mp4Writer
 
@@ -42,15 +56,27 @@ def register(sub) -> None:
     g = sub.add_parser("generate", help="generate one stream in this process and write an mp4")
     add_model_options(g)
     add_world_options(g)
-    g.add_argument("--frames", type=int, required=True, help="number of frames to generate")
-    g.add_argument("--out", required=True, help="output .mp4 file")
+    length = g.add_mutually_exclusive_group(required=True)
+    length.add_argument(
+        "--frames", type=int, help="frames to generate: video frames, or latent frames for presets without a decoder"
+    )
+    length.add_argument("--chunks", type=int, help="chunks to generate (frames_per_chunk latent frames each)")
+    g.add_argument("--out", default=None, help="output .mp4 file (optional with --latents-out)")
+    g.add_argument(
+        "--latents-out", default=None, help="also write the latents: safetensors, tensor latents [F, C, H, W] float32"
+    )
+    g.add_argument(
+        "--trace",
+        default=None,
+        help="safetensors of every chunk c and step s: x_t.{c}.{s}, sigma.{c}.{s}, x0.{c}.{s}, and latents",
+    )
     g.add_argument(
         "--memory-uri",
         default=None,
         help="LanceDB database for --memory retrieval (default: OUT's name with .memory beside it)",
     )
     g.add_argument("--seed", type=int, default=0, help="stream seed: chunk i's noise depends on (seed, i)")
-    g.add_argument("--prompt", default="", help="hashed into the stream's conditioning vector")
+    g.add_argument("--prompt", default="", help="the text prompt (tiny: hashed into its conditioning vector)")
     g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscale of the written video")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -63,12 +89,35 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
+        wrote = " and ".join(p for p in (summary["out"], summary["latents_out"]) if p)
         print(
-            f"wrote {summary['out']}: {summary['frames']} frames in {summary['seconds']:.1f} s "
-            f"= {summary['fps']:.1f} frames/s; {summary['attention']} cache {summary['cache_bytes'] / 1e6:.2f} MB "
+            f"wrote {wrote}: {summary['frames']} {summary['unit']} in {summary['seconds']:.1f} s "
+            f"= {summary['fps']:.1f} {summary['unit']}/s; "
+            f"{summary['attention']} cache {summary['cache_bytes'] / 1e6:.2f} MB "
             f"({summary['cache_bytes_per_token']:.0f} bytes/token)"
         )
     return 0
+
+
+def check_tensor_path(path: str | None, flag: str) -> Path | None:
+    if path is None:
+        return None
+    try:
+        return check_output_path(path, ".safetensors")
+    except UsageError as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors file written beside its target and renamed into place: never half-written."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def open_generate_memory(uri: str | None, out: Path, cfg):
@@ -95,61 +144,115 @@ def open_generate_memory(uri: str | None, out: Path, cfg):
 
 
 def run_generate(args) -> dict:
-    if args.frames <= 0:
-        raise UsageError(f"--frames must be > 0, got {args.frames}")
-    out = check_output_path(args.out)
-    cfg = build_config(args)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    if not cfg.can_decode:
-        raise UsageError(f"preset {cfg.name!r} has no VAE decoder here; it is for `longroll plan` and GPU benchmarks")
+    for flag in ("frames", "chunks"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be > 0, got {getattr(args, flag)}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    world = world_choice(args, cfg)
-    spec = StreamSpec("generate", seed=args.seed, prompt=args.prompt, **world.spec_fields(args.seed))
-    from workers.weights import resolve
+    cfg = build_config(args)
+    latents_out = check_tensor_path(args.latents_out, "--latents-out")
+    trace_out = check_tensor_path(args.trace, "--trace")
+    if args.out is None and latents_out is None:
+        raise UsageError("give --out FILE.mp4, --latents-out FILE.safetensors or both")
+    if not cfg.can_decode and args.out is not None:
+        raise UsageError(
+            f"preset {cfg.name!r} makes latents and no VAE decoder is available here: "
+            "write them with --latents-out FILE.safetensors (without --out)"
+        )
+    out = check_output_path(args.out) if args.out is not None else None
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if cfg.family == "wan":
+        cfg, source = wan_source(args, cfg)
+        spec = StreamSpec("generate", seed=args.seed, prompt=args.prompt)
+        weights_name = source.weights or "random"
+    else:
+        world = world_choice(args, cfg)
+        spec = StreamSpec("generate", seed=args.seed, prompt=args.prompt, **world.spec_fields(args.seed))
+        from workers.weights import resolve
 
-    weights = resolve(world.weights, cfg)
+        source = ModelSource(weights=resolve(world.weights, cfg))
+        weights_name = world.weights
+    fpc = cfg.frames_per_chunk
+    if args.chunks is not None:
+        frames = args.chunks * fpc * (cfg.vae_stride[0] if out is not None else 1)
+    else:
+        frames = args.frames
+    # latent frames to generate: a decoded video needs its frames; a latents file holds whole chunks
+    latent_target = args.chunks * fpc if args.chunks is not None else frames
     link = None
     if cfg.memory == "retrieval":
-        link = open_generate_memory(args.memory_uri, out, cfg)
+        link = open_generate_memory(args.memory_uri, out or latents_out, cfg)
         from workers.memory import default_embedder
 
-        gen = Generator(cfg, weights=weights, memory=link.retriever, embedder=default_embedder(cfg))
+        gen = Generator(cfg, memory=link.retriever, embedder=default_embedder(cfg), source=source)
     else:
-        gen = Generator(cfg, weights=weights)
+        gen = Generator(cfg, source=source)
+    if trace_out is not None:
+        gen.trace = {}
     state = gen.new_stream(spec)
-    log.info("generate.start", preset=cfg.name, attention=cfg.attention, frames=args.frames, out=str(out))
+    log.info("generate.start", preset=cfg.name, attention=cfg.attention, frames=frames, out=str(out or latents_out))
     t0 = time.perf_counter()
+    latents: list[torch.Tensor] = []
+    unit = "frames" if out is not None else "latent frames"
+    done = 0
     try:
-        with (
-            Mp4Writer(out, fps=cfg.fps, upscale=args.upscale) as writer,
-            tqdm(
-                total=args.frames, unit="frame", desc="generate", disable=args.quiet or not sys.stderr.isatty()
-            ) as bar,
-        ):
-            while writer.frames_written < args.frames:
+        with contextlib.ExitStack() as stack:
+            writer = stack.enter_context(Mp4Writer(out, fps=cfg.fps, upscale=args.upscale)) if out else None
+            bar = stack.enter_context(
+                tqdm(total=frames, unit="frame", desc="generate", disable=args.quiet or not sys.stderr.isatty())
+            )
+            while (writer.frames_written < frames) if writer else (done < latent_target):
                 (chunk,) = gen.step([state])
                 if link is not None:
                     link.publish(chunk)
-                frames = chunk.frames[: args.frames - writer.frames_written]
-                writer.write(frames)
-                bar.update(len(frames))
-                bar.set_postfix(fps=f"{writer.frames_written / (time.perf_counter() - t0):.1f}")
+                latents.append(chunk.latents)
+                if writer is not None:
+                    new = chunk.frames[: frames - writer.frames_written]
+                    writer.write(new)
+                    n = len(new)
+                else:
+                    n = min(chunk.latents.shape[0], latent_target - done)
+                done += n
+                bar.update(n)
+                bar.set_postfix(fps=f"{done / (time.perf_counter() - t0):.1f}")
+            all_latents = torch.cat(latents)
+            if latents_out is not None:
+                save_tensors_atomic(latents_out, {"latents": all_latents})
+            if trace_out is not None:
+                save_tensors_atomic(trace_out, {**trace_tensors(gen.trace, spec.stream_id), "latents": all_latents})
     finally:
         if link is not None:
             link.close()
     seconds = time.perf_counter() - t0
     return {
-        "out": str(out),
-        "frames": args.frames,
+        "out": str(out) if out else None,
+        "latents_out": str(latents_out) if latents_out else None,
+        "trace": str(trace_out) if trace_out else None,
+        "frames": done,
+        "unit": unit,
+        "chunks": len(latents),
+        "latent_shape": list(all_latents.shape),
         "seconds": seconds,
-        "fps": args.frames / seconds,
+        "fps": done / seconds,
         "cache_bytes": state.cache.nbytes(),
         "cache_bytes_per_token": cfg.cache_layout().bytes_per_token(),
         "attention": cfg.attention,
         "memory": cfg.memory,
         "memory_uri": link.config.uri if link is not None else None,
-        "weights": world.weights,
+        "preset": cfg.name,
+        "family": cfg.family,
+        "weights": weights_name,
+        "weights_sha": gen.weights_sha,
         "trajectory": spec.trajectory or "none",
         "world": spec.world,
     }
+
+
+def trace_tensors(trace: dict[str, torch.Tensor], stream_id: str) -> dict[str, torch.Tensor]:
+    """The generator's trace of one stream, keyed ``x_t.{chunk}.{step}`` (and sigma, x0) as --trace promises."""
+    out = {}
+    for key, t in trace.items():
+        name, sid, rest = key.split(".", 2)
+        if sid == stream_id:
+            out[f"{name}.{rest}"] = t
+    return out

@@ -12,7 +12,7 @@ import torch
 from ops.latent_cache import TORCH_DTYPES
 from orchestrator.cli_common import UsageError, add_model_options, build_config
 from workers.config import ModelConfig
-from workers.model import CausalVideoDiT
+from workers.models.tiny.model import CausalVideoDiT
 
 _UNITS = {
     "": 1,
@@ -41,9 +41,17 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+UMT5_XXL_PARAMS = 5_680_910_336  # the umT5-XXL encoder's parameters (workers.models.wan.text.umt5_xxl_config)
+
+
 def count_params(cfg: ModelConfig) -> int:
     with torch.device("meta"):
-        model = CausalVideoDiT(cfg)
+        if cfg.family == "wan":
+            from workers.models.wan.model import WanChunkModel
+
+            model = WanChunkModel(cfg)
+        else:
+            model = CausalVideoDiT(cfg)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -62,8 +70,10 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
     weights = params * elem
     chunk_tokens = cfg.frames_per_chunk * cfg.tokens_per_frame
     # live activations of one stream's chunk: residual + FFN hidden + q/k/v/out, one layer at a time
-    activations = chunk_tokens * cfg.dim * (cfg.ffn_mult + 6) * elem
-    cache_stream = layout.capacity_bytes()
+    activations = chunk_tokens * cfg.dim * (cfg.ffn_hidden // cfg.dim + 6) * elem
+    # wan: the prompt's cross-attention K/V, computed once per stream and kept ([k | v] x layers x text tokens)
+    text_kv = 2 * cfg.num_layers * cfg.text_len * cfg.dim * elem if cfg.family == "wan" else 0
+    cache_stream = layout.capacity_bytes() + text_kv
     usable = gpu_mem * (1 - RESERVED_FRACTION) - weights
     streams = max(0, math.floor(usable / (cache_stream + activations)))
     video_fps = cfg.fps  # real time
@@ -77,7 +87,11 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
         "preset": cfg.name,
         "attention": cfg.attention,
         "cache_dtype": cfg.cache_dtype,
+        "family": cfg.family,
         "layers": cfg.num_layers,
+        "dim": cfg.dim,
+        "heads": cfg.num_heads,
+        "ffn_dim": cfg.ffn_hidden,
         "tokens_per_frame": cfg.tokens_per_frame,
         "context_frames": layout.slot_frames,
         "cache_bytes_per_token": layout.bytes_per_token(),
@@ -86,13 +100,15 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
         "cache_reduction_pct": 100.0 * (1 - layout.bytes_per_token() / mha.bytes_per_token()),
         "cache_bytes_per_frame": layout.bytes_per_token() * cfg.tokens_per_frame,
         "cache_bytes_per_stream": cache_stream,
-        "mha_cache_bytes_per_stream": mha.capacity_bytes(),
+        "mha_cache_bytes_per_stream": mha.capacity_bytes() + text_kv,
+        "text_kv_bytes_per_stream": text_kv,
+        "text_encoder_bytes": UMT5_XXL_PARAMS * 2 if cfg.family == "wan" else 0,
         "params": params,
         "weights_bytes": weights,
         "activation_bytes_per_stream": activations,
         "gpu_mem_bytes": gpu_mem,
         "streams_per_gpu": streams,
-        "mha_streams_per_gpu": max(0, math.floor(usable / (mha.capacity_bytes() + activations))),
+        "mha_streams_per_gpu": max(0, math.floor(usable / (mha.capacity_bytes() + text_kv + activations))),
         "store_bytes_per_stream_hour": store_hour,
         "hours": hours,
         "store_bytes_per_stream": store_hour * hours,
@@ -111,6 +127,7 @@ def human(n: float) -> str:
 def format_plan(p: dict) -> str:
     rows = [
         ("preset / attention / cache dtype", f"{p['preset']} / {p['attention']} / {p['cache_dtype']}"),
+        ("model", f"{p['family']}: {p['layers']} layers, dim {p['dim']}, FFN {p['ffn_dim']}, {p['heads']} heads"),
         (
             "cache per token (all layers)",
             f"{human(p['cache_bytes_per_token'])}  vs MHA {human(p['mha_cache_bytes_per_token'])}"
@@ -123,6 +140,14 @@ def format_plan(p: dict) -> str:
             f"  vs MHA {human(p['mha_cache_bytes_per_stream'])}",
         ),
         ("weights", f"{human(p['weights_bytes'])} ({p['params'] / 1e6:.1f} M params)"),
+        *(
+            [
+                ("text K/V per stream (in cache per stream)", human(p["text_kv_bytes_per_stream"])),
+                ("umT5-XXL text encoder, bf16", f"{human(p['text_encoder_bytes'])} (not counted: encode, then free)"),
+            ]
+            if p["text_kv_bytes_per_stream"]
+            else []
+        ),
         (
             "streams per GPU",
             f"{p['streams_per_gpu']}  (MHA: {p['mha_streams_per_gpu']}) on {human(p['gpu_mem_bytes'])}",

@@ -52,6 +52,7 @@ class RunSpec:
     worker_cpus: float = 1.0  # logical CPUs per worker (ignored where a GPU is used)
     group_size: int = 1  # ranks per worker: >1 makes each worker a generator group (one GPU or worker_cpus each)
     weights: str | None = None  # "shipped", "random"/None or a safetensors path
+    model_source: dict | None = None  # wan family: ModelSource.to_dict() (weights, base, lora, prompt embeds)
     upscale: int = 4
     checkpoint_uri: str | None = None
     memory_uri: str | None = None  # default DIR/memory
@@ -92,6 +93,7 @@ class RunSpec:
             stub=self.stub,
             group_size=self.group_size,
             weights=self.weights,
+            model_source=self.model_source,
             log_format=log_format,
             log_level=log_level,
         )

@@ -17,6 +17,7 @@ from orchestrator.cli_common import (
     add_model_options,
     add_world_options,
     build_config,
+    wan_source,
     world_choice,
 )
 from orchestrator.registry import RUN_FILE, RunSpec, StreamEntry
@@ -163,12 +164,17 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
             check_group(cfg, args.group_size)
         except ValueError as e:
             raise UsageError(f"--group-size {args.group_size}: {e}") from None
-    if not cfg.can_decode and not args.stub:
+    if not cfg.can_decode and cfg.family != "wan" and not args.stub:
         raise UsageError(f"preset {cfg.name!r} has no VAE decoder here; `run` needs a decodable preset such as tiny")
     seg = args.segment_chunks or args.checkpoint_every
     if args.checkpoint_every % seg:
         raise UsageError(f"--segment-chunks {seg} must divide --checkpoint-every {args.checkpoint_every}")
-    world = world_choice(args, cfg)
+    source = None
+    if cfg.family == "wan":  # streams write latent segments (no VAE decoder yet)
+        cfg, source = wan_source(args, cfg)
+        world = WorldChoice(source.weights or "random", "", (), None)
+    else:
+        world = world_choice(args, cfg)
     streams = build_streams(args, world)
     out = Path(args.out)
     if check_out:
@@ -194,6 +200,7 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
         worker_cpus=args.worker_cpus,
         group_size=args.group_size,
         weights=world.weights,
+        model_source=source.to_dict() if source is not None else None,
         upscale=args.upscale,
         checkpoint_uri=args.checkpoint_uri,
         memory_uri=args.memory_uri,

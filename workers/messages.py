@@ -29,6 +29,7 @@ class WorkerSettings:
     preview_every_s: float | None = 0.5  # how often a stream's newest frame is sent as a PNG (None: never)
     group_size: int = 1  # ranks of one generator (1: a single process; >1: workers.group.GroupLeader)
     weights: str | None = None  # "shipped", "random"/None or a safetensors path (workers.weights.resolve)
+    model_source: dict | None = None  # wan family: workers.models.source.ModelSource.to_dict() (weights parts)
 
 
 @dataclass(frozen=True)

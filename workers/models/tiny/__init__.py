@@ -29,9 +29,7 @@ def cond_vector(prompt: str, dim: int) -> torch.Tensor:
 class TinyFamily:
     rotate = staticmethod(apply_rope)  # split-halves RoPE
 
-    def __init__(
-        self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, weights: str | None, mla_form: str
-    ):
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, weights: str | None, mla_form: str):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)

@@ -82,7 +82,7 @@ class WanFamily:
             sd = load_state_dict(self.parts, ema=source.ema)
             check_keys(sd, model.transformer.config)
             model.transformer.load_state_dict(sd, strict=True)
-            self.weights_sha = weights_digest(self.parts)
+            self.weights_sha = weights_digest(self.parts, ema=source.ema)
         self.model = model.to(device, dtype).keep_fp32().eval().requires_grad_(False)
         self._texts: dict[str, StreamText] = {}
         self._encoder = None  # UMT5TextEncoder, loaded on the first prompt that needs it

@@ -188,8 +188,10 @@ class WanChunkModel(torch.nn.Module):
         m = self.transformer
         b, f, c, h, w = x.shape
         p = self.cfg.patch
-        # (B, F, C, H, W) -> (B, C, F, H, W) -> (B, dim, F, h, w) -> (B, F*h*w, dim)
-        tok = m.patch_embedding(x.permute(0, 2, 1, 3, 4).to(m.patch_embedding.weight.dtype))
+        # (B, F, C, H, W) -> (B, C, F, H, W) -> (B, dim, F, h, w) -> (B, F*h*w, dim); one stream at a time:
+        # a CPU Conv3d's result for one sample depends on the batch it is in
+        vid = x.permute(0, 2, 1, 3, 4).to(m.patch_embedding.weight.dtype)
+        tok = torch.cat([m.patch_embedding(vid[i : i + 1]) for i in range(b)])
         tok = tok.flatten(2).transpose(1, 2).contiguous()
         temb, proj = self.time_embedding(sigma, tok.dtype)
         call, text = ChunkCall(ctxs), TextBatch(list(texts))
