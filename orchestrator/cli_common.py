@@ -195,6 +195,10 @@ def wan_source(args: argparse.Namespace, cfg: ModelConfig) -> tuple[ModelConfig,
     """
     if getattr(args, "trajectory", None) not in (None, "none") or getattr(args, "world", None) is not None:
         raise UsageError("--trajectory and --world are for the world model; wan presets have no camera")
+    try:
+        import diffusers  # noqa: F401 - the wan family runs on diffusers' Wan modules
+    except ImportError:
+        raise UsageError("wan presets need the wan extra: pip install 'longroll[wan]'") from None
     weights = None if args.weights in (None, "", "random") else args.weights
     if weights is None and (args.base or args.lora):
         raise UsageError("--base and --lora need --weights")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from workers.video import read_mp4
 
@@ -131,3 +132,31 @@ def test_plan_bad_input(capsys, args):
 def test_plan_human_table(capsys):
     code, out, _ = longroll_inproc(capsys, "plan", "--preset", "tiny")
     assert code == 0 and "streams per GPU" in out and "% less" in out
+
+
+def wan_1_3b_params(d=1536, layers=30, ffn=8960, text=4096, freq=256, chans=16) -> int:
+    """Wan2.1-T2V-1.3B's parameter count written out from its architecture (not from any model class)."""
+    attn = 4 * (d * d + d) + 2 * d  # q, k, v, o with biases; q/k RMSNorm weights across heads
+    block = 2 * attn + 2 * d + (d * ffn + ffn + ffn * d + d) + 6 * d  # self + cross, norm2 affine, FFN, modulation
+    top = (chans * 4 * d + d) + (text * d + d + d * d + d) + (freq * d + d + d * d + d) + (d * 6 * d + 6 * d)
+    return layers * block + top + (d * chans * 4 + chans * 4) + 2 * d  # + proj_out, head modulation
+
+
+def test_plan_self_forcing_sizes_the_real_model(capsys):
+    code, out, err = longroll_inproc(capsys, "plan", "--preset", "self-forcing-1.3b", "--json")
+    assert code == 0, err
+    p = json.loads(out)
+    assert p["params"] == wan_1_3b_params() and 1.41e9 < p["params"] < 1.43e9  # "1.3B"
+    assert p["weights_bytes"] == 2 * p["params"]  # bf16
+    assert p["cache_bytes_per_frame"] == 1560 * 30 * 2 * 1536 * 2  # 287.5 MB of bf16 K/V per latent frame
+    assert p["context_frames"] == 18 and p["text_kv_bytes_per_stream"] == 2 * 30 * 512 * 1536 * 2
+    assert p["cache_bytes_per_stream"] == 18 * p["cache_bytes_per_frame"] + 18 * 8 + p["text_kv_bytes_per_stream"]
+    from transformers import UMT5EncoderModel
+
+    from workers.models.wan.text import umt5_xxl_config
+
+    with torch.device("meta"):
+        umt5 = sum(t.numel() for t in UMT5EncoderModel(umt5_xxl_config()).parameters())
+    assert p["text_encoder_bytes"] == 2 * umt5  # umT5-XXL in bf16
+    code, out, _ = longroll_inproc(capsys, "plan", "--preset", "longlive-1.3b")
+    assert code == 0 and "text K/V per stream" in out and "umT5-XXL" in out

@@ -74,6 +74,7 @@ from workers.config import ModelConfig
 from workers.generator import Generator
 from workers.memory import MemoryLink, default_embedder
 from workers.state import StreamState
+torch.set_num_threads({torch.get_num_threads()})  # CPU GEMMs split their work by thread count: match this process
 cfg = ModelConfig.from_dict(json.load(open({str(tmp_path / "cfg.json")!r})))
 with MemoryLink({db!r}, cfg) as link:
     link.open_stream("m1", version={version})

@@ -98,6 +98,12 @@ def test_pipeline_folder_encodes_the_prompt_with_its_umt5(parts, capsys, tmp_pat
     other = gen.new_stream(StreamSpec("y", prompt="a blue whale"))
     assert state.cond.shape[1] == 16 and not torch.equal(pad_prompt_embeds(state.cond), pad_prompt_embeds(other.cond))
     assert torch.equal(gen.step([state])[0].latents, load_file(out)["latents"])
+    # the README's Self-Forcing line: a .pt on the pipeline folder's config, encoder and tokenizer
+    again = tmp_path / "pt.safetensors"
+    code, _, err = generate(capsys, "--weights", str(parts["pt"]), "--base", str(parts["pipeline"]), "--prompt",
+                            "a red fox", "--chunks", "1", "--latents-out", str(again))  # fmt: skip
+    assert code == 0, err
+    assert torch.equal(load_file(again)["latents"], load_file(out)["latents"])
 
 
 def test_batched_streams_and_resume_are_bit_exact(parts, tmp_path):
