@@ -86,6 +86,11 @@ def build_config(args: argparse.Namespace) -> ModelConfig:
     """ModelConfig from the model options; invalid combinations become a UsageError."""
     try:
         base = ModelConfig.from_name(args.preset)
+        rollout = _rollout_flags(args, base)
+        if "max_temporal_id" not in rollout and rollout.keys() & {"sink_frames", "window_frames", "frames_per_chunk"}:
+            # a longer context needs room for its temporal ids (relative policy): the preset's cap grows with it
+            span = sum(rollout.get(k, getattr(base, k)) for k in ("sink_frames", "window_frames", "frames_per_chunk"))
+            rollout["max_temporal_id"] = max(base.max_temporal_id, span - 1)
         return ModelConfig.from_name(
             args.preset,
             attention=args.attention,
@@ -93,7 +98,7 @@ def build_config(args: argparse.Namespace) -> ModelConfig:
             latent_dim=args.latent_dim,
             rope_dim=args.rope_dim,
             cache_dtype=args.cache_dtype,
-            **_rollout_flags(args, base),
+            **rollout,
         )
     except (ValueError, TypeError) as e:
         if isinstance(e, UsageError):
