@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from ops.rope import apply_rope_interleaved
 from workers.attention import StreamContext, cached_mha
@@ -134,6 +135,13 @@ class WanChunkModel(torch.nn.Module):
         for layer, block in enumerate(self.transformer.blocks):
             block.attn1.set_processor(CacheSelfAttnProcessor(layer))
             block.attn2.set_processor(TextCrossAttnProcessor(layer))
+
+    def rebuild_buffers(self) -> WanChunkModel:
+        """Real rotary tables after a build on the meta device (the weights hold none; our forward does not
+        read them, but diffusers' own forward and ``.to()`` do)."""
+        m = self.transformer
+        m.rope = WanRotaryPosEmbed(m.config.attention_head_dim, m.config.patch_size, m.config.rope_max_seq_len)
+        return self
 
     def keep_fp32(self) -> WanChunkModel:
         """Cast the modules diffusers keeps in fp32 back to fp32 (after a ``.to(bf16)``)."""

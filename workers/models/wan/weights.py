@@ -401,7 +401,7 @@ def merge_lora(sd: dict, lora_sd: dict, alpha: float | None = None) -> dict:
 def weights_digest(src: WanSource, ema: bool = True) -> str:
     """16 hex chars naming these weights, equal on every node that holds the same files.
 
-    Per file: sha256 of its bytes (under 64 MiB), else of (name, size, first and last MiB). Combined
+    Per file: sha256 of its bytes (under 64 MiB), else of (size, first and last MiB). Combined
     over the transformer files, the LoRA, the config and, for a ``.pt``, which generator is read.
     """
     h = hashlib.sha256()
@@ -421,7 +421,7 @@ def _file_digest(path: Path) -> bytes:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         else:
-            h.update(f"{path.name}\0{size}\0".encode())
+            h.update(f"{size}\0".encode())  # not the name: a copy under another name is the same weights
             h.update(f.read(EDGE_HASH_BYTES))
             f.seek(size - EDGE_HASH_BYTES)
             h.update(f.read(EDGE_HASH_BYTES))
