@@ -224,6 +224,22 @@ def test_hf_cache_entry_resolves_to_refs_main(wan_files, tmp_path):
         resolve_source(str(entry))
 
 
+def test_repo_id_resolves_from_the_hf_cache_offline(wan_files, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read when called
+    monkeypatch.chdir(tmp_path)  # so "Wan-AI/..." is no relative path here
+    entry = tmp_path / "hub" / "models--Wan-AI--Wan2.1-T2V-1.3B-Diffusers"
+    shutil.copytree(wan_files.pipeline, entry / "snapshots" / "c0ffee")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("c0ffee")
+    src = resolve_source("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    assert src.kind == "diffusers-pipeline" and src.text_encoder_dir.endswith("c0ffee/text_encoder")
+    assert_same(load_state_dict(src), wan_files.sd)
+    with pytest.raises(WeightsError, match="hf download Wan-AI/Other"):
+        resolve_source("Wan-AI/Other")
+
+
 def test_converted_safetensors_carries_its_config(wan_files, tmp_path):
     path = tmp_path / "converted.safetensors"
     save_file(wan_files.sd, str(path), metadata={"config": json.dumps(wan_files.config)})

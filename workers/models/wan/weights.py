@@ -67,9 +67,7 @@ def resolve_source(weights: str, base: str | None = None, lora: str | None = Non
     Raises:
         WeightsError: a path is missing, or a folder / file is none of the accepted layouts.
     """
-    path = Path(weights).expanduser()
-    if not path.exists():
-        raise WeightsError(f"{weights} does not exist")
+    path = _local_or_cached(weights)
     if lora is not None:
         lp = Path(lora).expanduser()
         if not lp.is_file():
@@ -89,7 +87,7 @@ def resolve_source(weights: str, base: str | None = None, lora: str | None = Non
     parts: dict = dict(text_encoder_dir=None, tokenizer_dir=None, vae=None, original_text_encoder=None)
     config, config_from = None, None
     if base is not None:
-        bp = Path(base).expanduser()
+        bp = _local_or_cached(base)
         if not bp.is_dir():
             raise WeightsError(f"--base {base} is not a folder")
         b = _resolve_folder(bp, base, None, need_files=False)  # only its config and parts are used
@@ -100,6 +98,27 @@ def resolve_source(weights: str, base: str | None = None, lora: str | None = Non
         config = _metadata_config(path)
         config_from = f"{weights} (metadata)" if config is not None else None
     return WanSource(kind, weights, (str(path),), config, **parts, lora=lora, base=base, config_from=config_from)
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _local_or_cached(name: str) -> Path:
+    """A local path, else a Hugging Face repo id (``ORG/NAME``) found in the local cache, offline."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if _REPO_ID.match(name):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id=name, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the cache (or no huggingface_hub): say how to get it
+            raise WeightsError(
+                f"{name} is neither a local path nor in the Hugging Face cache; nothing is downloaded at run time: "
+                f"run `hf download {name}` (huggingface-cli download) first"
+            ) from None
+    raise WeightsError(f"{name} does not exist")
 
 
 def _resolve_folder(path: Path, weights: str, lora: str | None, need_files: bool = True) -> WanSource:
