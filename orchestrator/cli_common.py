@@ -237,7 +237,7 @@ def wan_source(args: argparse.Namespace, cfg: ModelConfig) -> tuple[ModelConfig,
         root = Path(source.text_encoder)
         if not (root / "text_encoder").is_dir() or not (root / "tokenizer").is_dir():
             raise UsageError(f"--text-encoder {root} needs text_encoder/ and tokenizer/ folders (a diffusers pipeline)")
-    elif weights is not None and not (parts.text_encoder_dir and parts.tokenizer_dir):
+    elif weights is not None and not (parts.tokenizer_dir and (parts.text_encoder_dir or parts.original_text_encoder)):
         raise UsageError(
             f"no umT5 text encoder beside {weights}: pass --prompt-embeds FILE.safetensors or --text-encoder DIR"
         )

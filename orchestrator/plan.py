@@ -74,7 +74,9 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
     # wan: the prompt's cross-attention K/V, computed once per stream and kept ([k | v] x layers x text tokens)
     text_kv = 2 * cfg.num_layers * cfg.text_len * cfg.dim * elem if cfg.family == "wan" else 0
     cache_stream = layout.capacity_bytes() + text_kv
-    usable = gpu_mem * (1 - RESERVED_FRACTION) - weights
+    # wan: the umT5-XXL encoder sits beside the model once a worker encodes a prompt (--prompt-embeds avoids it)
+    text_encoder = UMT5_XXL_PARAMS * elem if cfg.family == "wan" else 0
+    usable = gpu_mem * (1 - RESERVED_FRACTION) - weights - text_encoder
     streams = max(0, math.floor(usable / (cache_stream + activations)))
     video_fps = cfg.fps  # real time
     latent_fps = video_fps / cfg.vae_stride[0]
@@ -102,7 +104,7 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
         "cache_bytes_per_stream": cache_stream,
         "mha_cache_bytes_per_stream": mha.capacity_bytes() + text_kv,
         "text_kv_bytes_per_stream": text_kv,
-        "text_encoder_bytes": UMT5_XXL_PARAMS * 2 if cfg.family == "wan" else 0,
+        "text_encoder_bytes": text_encoder,
         "params": params,
         "weights_bytes": weights,
         "activation_bytes_per_stream": activations,
@@ -143,7 +145,7 @@ def format_plan(p: dict) -> str:
         *(
             [
                 ("text K/V per stream (in cache per stream)", human(p["text_kv_bytes_per_stream"])),
-                ("umT5-XXL text encoder, bf16", f"{human(p['text_encoder_bytes'])} (not counted: encode, then free)"),
+                ("umT5-XXL text encoder", f"{human(p['text_encoder_bytes'])} (counted; --prompt-embeds needs none)"),
             ]
             if p["text_kv_bytes_per_stream"]
             else []

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import UMT5EncoderModel
 
 from orchestrator.cli import main
-from tests.workers.wan.conftest import training_checkpoint
+from tests.workers.wan.conftest import save_original_folder, training_checkpoint
 from tests.workers.wan.models import random_transformer, tiny_cfg
-from tests.workers.wan.text_fixtures import make_tiny_text_parts
+from tests.workers.wan.text_fixtures import hf_to_wan_keys, make_tiny_text_parts
 from workers.generator import Generator
 from workers.models.source import ModelSource
 from workers.models.wan.text import pad_prompt_embeds
@@ -46,13 +47,19 @@ def parts(tmp_path_factory) -> dict[str, Path]:
          "critic": {"critic.w": torch.zeros(2)}},
         root / "self_forcing_dmd.pt",
     )  # fmt: skip
+    # the original Wan2.1 folder: original transformer names, Wan's own umT5 .pth and google/umt5-xxl tokenizer
+    original = save_original_folder(model, root / "Wan2.1-T2V-tiny")
+    torch.save(hf_to_wan_keys(UMT5EncoderModel.from_pretrained(enc).state_dict()),
+               original / "models_t5_umt5-xxl-enc-bf16.pth")  # fmt: skip
+    shutil.rmtree(original / "google" / "umt5-xxl")
+    shutil.copytree(tok, original / "google" / "umt5-xxl")
     base = root / "base"
     base.mkdir()
     shutil.copy(root / "diffusers" / "config.json", base / "config.json")
     save_file({"prompt_embeds": torch.randn(9, 16, generator=torch.Generator().manual_seed(1))}, str(root / "pe.st"))
     (root / "pe.st").rename(root / "pe.safetensors")
     return {"root": root, "diffusers": root / "diffusers", "pipeline": pipe, "pt": root / "self_forcing_dmd.pt",
-            "base": base, "embeds": root / "pe.safetensors"}  # fmt: skip
+            "base": base, "embeds": root / "pe.safetensors", "original": original}  # fmt: skip
 
 
 def generate(capsys, *args: str) -> tuple[int, str, str]:
@@ -104,6 +111,12 @@ def test_pipeline_folder_encodes_the_prompt_with_its_umt5(parts, capsys, tmp_pat
                             "a red fox", "--chunks", "1", "--latents-out", str(again))  # fmt: skip
     assert code == 0, err
     assert torch.equal(load_file(again)["latents"], load_file(out)["latents"])
+    # the original Wan2.1 folder: original names, and its own umT5 .pth mapped into UMT5EncoderModel
+    orig = tmp_path / "orig.safetensors"
+    code, _, err = generate(capsys, "--weights", str(parts["original"]), "--prompt", "a red fox", "--chunks", "1",
+                            "--latents-out", str(orig), "--dtype", "fp32")  # fmt: skip
+    assert code == 0, err
+    assert torch.equal(load_file(orig)["latents"], load_file(out)["latents"])
 
 
 def test_batched_streams_and_resume_are_bit_exact(parts, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from safetensors.torch import save_file
 
 from tests.workers.wan.text_fixtures import (
     TINY_D_MODEL,
+    hf_to_wan_keys,
     make_tiny_encoder,
     make_tiny_text_parts,
     make_tiny_tokenizer,
@@ -23,10 +23,12 @@ from workers.models.wan.text import (
     TEXT_LEN,
     TextError,
     UMT5TextEncoder,
+    config_of_original,
     load_prompt_embeds,
     original_to_hf_state_dict,
     pad_prompt_embeds,
     prompt_clean,
+    umt5_xxl_config,
 )
 
 LONG_PROMPT = (
@@ -237,33 +239,6 @@ def test_pad_prompt_embeds_bad():
 
 # --- the original Wan2.1 checkpoint (wan/modules/t5.py T5Encoder names) ---------------------------
 
-# HF -> Wan, written out independently of text.py's Wan -> HF table (inverse direction).
-_HF_TO_WAN = [
-    (r"shared\.weight", "token_embedding.weight"),
-    (r"encoder\.final_layer_norm\.weight", "norm.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", r"blocks.\1.attn.\2.weight"),
-    (
-        r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
-        r"blocks.\1.pos_embedding.embedding.weight",
-    ),
-    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight", r"blocks.\1.ffn.fc2.weight"),
-]
-
-
-def _to_wan_keys(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in hf_sd.items():
-        if key == "encoder.embed_tokens.weight":  # tied to shared.weight; Wan stores it once
-            continue
-        names = [re.sub(p, r, key) for p, r in _HF_TO_WAN if re.fullmatch(p, key)]
-        assert len(names) == 1, key
-        out[names[0]] = value.clone()
-    return out
-
 
 def _wan_reference(sd: dict[str, torch.Tensor], ids, mask, heads: int, buckets: int, max_dist: int = 128):
     """T5 encoder maths over Wan's key names (RMS norms, unscaled attention with a per-layer bidirectional
@@ -298,7 +273,7 @@ def _wan_reference(sd: dict[str, torch.Tensor], ids, mask, heads: int, buckets: 
 @pytest.fixture(scope="module")
 def wan_pth(parts, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     hf = make_tiny_encoder(len(make_tiny_tokenizer()))  # same seed as the saved encoder
-    sd = _to_wan_keys(hf.state_dict())
+    sd = hf_to_wan_keys(hf.state_dict())
     path = tmp_path_factory.mktemp("wan") / "models_t5_umt5-tiny-enc.pth"
     torch.save(sd, path)
     return path, sd
@@ -313,6 +288,23 @@ def test_from_original_matches_hf_folder(parts, encoder, wan_pth):
     assert all(p.device.type == "cpu" for p in orig._model.parameters())
     for prompt in PROMPTS:
         assert torch.equal(orig.encode(prompt), encoder.encode(prompt))
+
+
+def test_from_original_reads_its_config_off_the_shapes(parts, encoder, wan_pth):
+    path, sd = wan_pth
+    want = tiny_umt5_config(len(make_tiny_tokenizer()))
+    got = config_of_original(sd)
+    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets"):
+        assert getattr(got, name) == getattr(want, name), name
+    orig = UMT5TextEncoder.from_original(str(path), parts[1], dtype=torch.float32)  # no config given
+    assert torch.equal(orig.encode(PROMPTS[1]), encoder.encode(PROMPTS[1]))
+    xxl = umt5_xxl_config()
+    meta = {"token_embedding.weight": torch.empty(256384, 4096, device="meta"),
+            "blocks.0.attn.q.weight": torch.empty(4096, 4096, device="meta"),
+            "blocks.0.pos_embedding.embedding.weight": torch.empty(32, 64, device="meta"),
+            "blocks.0.ffn.fc1.weight": torch.empty(10240, 4096, device="meta"),
+            "blocks.23.norm1.weight": torch.empty(4096, device="meta")}  # fmt: skip
+    assert config_of_original(meta).to_dict() == xxl.to_dict()  # Wan2.1's own file: umt5-xxl
 
 
 def test_from_original_matches_wan_maths(parts, wan_pth):

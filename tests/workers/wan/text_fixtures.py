@@ -7,6 +7,7 @@ single characters) wrapped as transformers' ``T5Tokenizer``; the encoder has eve
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 
@@ -59,3 +60,32 @@ def make_tiny_text_parts(tmp_path: Path, seed: int = 0) -> tuple[str, str]:
     tokenizer.save_pretrained(tok_dir)
     make_tiny_encoder(len(tokenizer), seed).save_pretrained(enc_dir)
     return str(enc_dir), str(tok_dir)
+
+
+# HF -> Wan, written out independently of text.py's Wan -> HF table (inverse direction).
+_HF_TO_WAN = [
+    (r"shared\.weight", "token_embedding.weight"),
+    (r"encoder\.final_layer_norm\.weight", "norm.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight", r"blocks.\1.attn.\2.weight"),
+    (
+        r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
+        r"blocks.\1.pos_embedding.embedding.weight",
+    ),
+    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight", r"blocks.\1.ffn.fc2.weight"),
+]
+
+
+def hf_to_wan_keys(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A UMT5EncoderModel state dict in Wan2.1's own T5Encoder names (what models_t5_umt5-xxl-enc-bf16.pth holds)."""
+    out = {}
+    for key, value in hf_sd.items():
+        if key == "encoder.embed_tokens.weight":  # tied to shared.weight; Wan stores it once
+            continue
+        names = [re.sub(p, r, key) for p, r in _HF_TO_WAN if re.fullmatch(p, key)]
+        assert len(names) == 1, key
+        out[names[0]] = value.clone()
+    return out

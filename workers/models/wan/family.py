@@ -92,15 +92,18 @@ class WanFamily:
         self._encoder = None  # UMT5TextEncoder, loaded on the first prompt that needs it
 
     # ---- conditioning ------------------------------------------------------------------------
-    def text_folders(self) -> tuple[str, str] | None:
-        """(encoder folder, tokenizer folder) of the umT5 encoder, or None when there is none."""
+    def text_parts(self) -> tuple[str, str, str] | None:
+        """("hf" | "original", encoder folder or .pth, tokenizer folder) of the umT5 encoder, or None."""
         from pathlib import Path
 
         if self.source.text_encoder is not None:
             root = Path(self.source.text_encoder)
-            return str(root / "text_encoder"), str(root / "tokenizer")
-        if self.parts is not None and self.parts.text_encoder_dir and self.parts.tokenizer_dir:
-            return self.parts.text_encoder_dir, self.parts.tokenizer_dir
+            return "hf", str(root / "text_encoder"), str(root / "tokenizer")
+        p = self.parts
+        if p is not None and p.text_encoder_dir and p.tokenizer_dir:
+            return "hf", p.text_encoder_dir, p.tokenizer_dir
+        if p is not None and p.original_text_encoder and p.tokenizer_dir:  # the original Wan2.1 folder
+            return "original", p.original_text_encoder, p.tokenizer_dir
         return None
 
     def conditioning(self, spec: StreamSpec) -> torch.Tensor:
@@ -109,17 +112,23 @@ class WanFamily:
 
         if self.source.prompt_embeds is not None:
             return load_prompt_embeds(self.source.prompt_embeds, self.cfg.cond_dim, self.cfg.text_len)
-        folders = self.text_folders()
-        if folders is None:
+        parts = self.text_parts()
+        if parts is None:
             if self.source.weights is None:
                 return random_prompt_embeds(spec.prompt, self.cfg.cond_dim)
             raise ValueError(
                 "no umT5 text encoder beside these weights: pass --prompt-embeds FILE or --text-encoder DIR"
             )
-        if self._encoder is None:
+        if self._encoder is None:  # on the model's device, in its dtype (bf16 presets: as Wan runs umT5)
             from workers.models.wan.text import UMT5TextEncoder
 
-            self._encoder = UMT5TextEncoder(*folders, device=self.device, text_len=self.cfg.text_len)
+            kind, encoder, tokenizer = parts
+            opts = dict(device=self.device, dtype=self.dtype, text_len=self.cfg.text_len)
+            if kind == "original":
+                self._encoder = UMT5TextEncoder.from_original(encoder, tokenizer, **opts)
+            else:
+                self._encoder = UMT5TextEncoder(encoder, tokenizer, **opts)
+            log.info("text_encoder.loaded", kind=kind, encoder=encoder, device=str(self.device))
         emb = self._encoder.encode(spec.prompt)
         if emb.shape[-1] != self.cfg.cond_dim:
             raise ValueError(f"text encoder width {emb.shape[-1]} != the model's text_dim {self.cfg.cond_dim}")

@@ -161,6 +161,29 @@ def umt5_xxl_config():
     )
 
 
+def config_of_original(sd: Mapping[str, torch.Tensor]):
+    """The ``UMT5Config`` a Wan ``T5Encoder`` state dict was built with, read off its tensor shapes
+    (umt5-xxl's for Wan2.1's own file; any size for a smaller one).
+
+    Raises:
+        TextError: the tensors that carry the shapes are missing.
+    """
+    try:
+        vocab, d_model = sd["token_embedding.weight"].shape
+        inner = sd["blocks.0.attn.q.weight"].shape[0]
+        buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
+        d_ff = sd["blocks.0.ffn.fc1.weight"].shape[0]
+    except (KeyError, ValueError, AttributeError):
+        raise TextError("not a Wan umT5 encoder state dict (no token_embedding / blocks.0 tensors)") from None
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK_RE.fullmatch(k)))
+    cfg = umt5_xxl_config()
+    for name, value in dict(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
+                            num_decoder_layers=layers, num_heads=heads,
+                            relative_attention_num_buckets=buckets).items():  # fmt: skip
+        setattr(cfg, name, int(value))
+    return cfg
+
+
 def original_to_hf_state_dict(sd: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """Wan ``T5Encoder`` state dict -> ``UMT5EncoderModel`` state dict (same tensors, renamed).
 
@@ -241,7 +264,7 @@ class UMT5TextEncoder:
         """Load Wan2.1's own ``models_t5_umt5-xxl-enc-bf16.pth`` (or a ``.safetensors`` with the same keys).
 
         Args:
-            config: a ``UMT5Config``; default ``umt5_xxl_config()``.
+            config: a ``UMT5Config``; default: read off the checkpoint's shapes (``config_of_original``).
             dtype: the encoder's dtype; default bfloat16, the checkpoint's and Wan's ``t5_dtype``.
 
         Raises:
@@ -250,7 +273,6 @@ class UMT5TextEncoder:
         from transformers import UMT5EncoderModel
 
         tokenizer = _load_tokenizer(tokenizer_dir)
-        config = config if config is not None else umt5_xxl_config()
         if not os.path.isfile(pth_file):
             raise TextError(f"Wan umT5 checkpoint not found: {pth_file}")
         try:
@@ -264,6 +286,7 @@ class UMT5TextEncoder:
             raise TextError(f"cannot read the Wan umT5 checkpoint {pth_file} ({_one_line(exc)})") from exc
         if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise TextError(f"{pth_file}: expected a state dict of tensors, got {type(sd).__name__}")
+        config = config if config is not None else config_of_original(sd)
         hf_sd = original_to_hf_state_dict(sd, config.num_layers)
         with torch.device("meta"):  # no 5.7B-parameter random init; the checkpoint's tensors are assigned
             model = UMT5EncoderModel(config)
