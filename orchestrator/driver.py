@@ -120,10 +120,12 @@ def drive(run: RunSpec, quiet: bool = False) -> int:
     ray.kill(orch, no_restart=True)
     elapsed = time.monotonic() - t0
     frames = p.frames
-    layout = ModelConfig.from_dict(run.model).cache_layout()
+    cfg = ModelConfig.from_dict(run.model)
+    layout = cfg.cache_layout()
+    unit = "frames" if cfg.can_decode else "latent frames"  # streams without a decoder write latents
     print(
         f"{p.state}: {len(p.streams)} streams, {sum(s.next_chunk for s in p.streams)} chunks, "
-        f"{frames} frames generated in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s), "
+        f"{frames} {unit} generated in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} {unit}/s), "
         f"{len(p.recoveries)} recoveries; cache {layout.bytes_per_token()} bytes/token; output in {run.out_dir}"
     )
     return 0
