@@ -59,6 +59,8 @@ class RunSpec:
     stub: bool = False
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int | None = None  # None: no dashboard; 0: any free port
+    dashboard_allow_hosts: list[str] = field(default_factory=list)  # Host names served beside the loopback ones
+    stall_timeout_s: float = 600.0  # no chunk anywhere for this long: the run fails (exit 1)
     state: str = "running"  # running | done | stopped | failed
     created_at: float = field(default_factory=time.time)
 

@@ -69,6 +69,20 @@ def add_run_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         default="127.0.0.1",
         help="address the dashboard binds (default 127.0.0.1; 0.0.0.0 exposes it, token still needed to act)",
     )
+    p.add_argument(
+        "--dashboard-allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a Host name the dashboard answers besides 127.0.0.1, localhost and its bound address (repeatable)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="fail the run (exit 1) when no stream makes progress for S seconds (default 600)",
+    )
     p.add_argument("--stub", action="store_true", help=argparse.SUPPRESS)  # benchmarks: fake generator
     return p._actions[before:]
 
@@ -207,4 +221,6 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
         stub=args.stub,
         dashboard_host=args.dashboard_host,
         dashboard_port=None if args.no_dashboard else args.dashboard_port,
+        dashboard_allow_hosts=list(args.dashboard_allow_host),
+        stall_timeout_s=args.stall_timeout,
     )

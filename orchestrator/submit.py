@@ -39,6 +39,9 @@ def run_argv(args) -> list[str]:
             continue
         if isinstance(a, argparse._StoreTrueAction):
             out.append(a.option_strings[0])
+        elif isinstance(a, argparse._AppendAction):  # repeatable: one flag per value
+            for v in value:
+                out += [a.option_strings[0], str(v)]
         else:
             out += [a.option_strings[0], str(value)]
     return out
