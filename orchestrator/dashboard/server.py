@@ -2,7 +2,8 @@
 
 The token is made once per run directory (``DIR/dashboard.token``, mode 0600) and kept across
 orchestrator restarts, so a page left open keeps working. ``DIR/dashboard.json`` says where the
-server listens (no secret in it).
+server listens (no secret in it). The server answers only the Host names it is known by
+(:func:`served_hosts`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
@@ -40,6 +42,22 @@ def ensure_token(out_dir: str | os.PathLike) -> str:
         f.write(token + "\n")
     os.replace(tmp, path)
     return token
+
+
+def advertised_name(host: str) -> str:
+    """The name a server bound to ``host`` is reached by: this node's address when bound to all of them."""
+    if host not in ("0.0.0.0", "::"):
+        return host
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostname()
+
+
+def served_hosts(host: str, extra: Iterable[str] = ()) -> frozenset[str]:
+    """Host names answered by a server bound to ``host`` (no others: DNS rebinding): loopback, its own, ``extra``."""
+    from orchestrator.dashboard.app import normalise_hosts
+
+    return normalise_hosts([advertised_name(host), *extra])
 
 
 def _bind(host: str, port: int) -> tuple[socket.socket, bool]:
@@ -82,11 +100,7 @@ class DashboardServer:
 
     @property
     def url(self) -> str:
-        host = self.host
-        if host in ("0.0.0.0", "::"):  # reachable from elsewhere: name this node's address
-            import ray
-
-            host = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostname()
+        host = advertised_name(self.host)
         return f"http://[{host}]:{self.port}/" if ":" in host else f"http://{host}:{self.port}/"
 
     def start(self, timeout: float = 10.0) -> DashboardServer:
@@ -110,7 +124,10 @@ def start_dashboard(orch, host: str, port: int) -> DashboardServer:
 
     out_dir = orch.run.out_dir
     token = ensure_token(out_dir)
-    server = DashboardServer(create_app(OrchestratorView(orch), token), host, port).start()
+    allowed = served_hosts(host, getattr(orch.run, "dashboard_allow_hosts", None) or [])
+    app = create_app(OrchestratorView(orch), token, allowed_hosts=allowed)
+    server = DashboardServer(app, host, port).start()
+    log.info("dashboard.hosts", allowed=sorted(allowed))
     write_json_atomic(
         Path(out_dir) / INFO_FILE,
         {"url": server.url, "host": host, "port": server.port, "pid": os.getpid(), "token_file": TOKEN_FILE},

@@ -109,7 +109,7 @@ def test_browser_sees_table_and_preview_change_and_pauses_a_stream(live_run):
             # one stream's page: preview, plots and log
             page.goto(f"{base}streams/s1")
             expect(page.locator("#stream-state")).to_have_text("running", timeout=30_000)
-            page.wait_for_function("document.getElementById('preview').naturalWidth > 0", timeout=30_000)
+            page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0", timeout=30_000)
             expect(page.locator("#log")).to_contain_text("stream.assigned")
             time.sleep(2)  # a few more samples in the plots
             page.screenshot(path=str(artifacts() / "dashboard-stream.png"), full_page=True)
