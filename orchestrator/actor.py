@@ -15,7 +15,6 @@ streams (each move checkpoints the stream first). Ray never retries a step on it
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ import ray
 import structlog
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from orchestrator.faults import environment_fault
 from orchestrator.groups import move_stream, remove_worker, spawn_worker
 from orchestrator.metrics import RunMetrics
 from orchestrator.registry import (
@@ -37,6 +37,8 @@ from orchestrator.registry import (
     pending_stops,
     request_stop,
 )
+from orchestrator.run_dir import append_event, repair_events, sweep_partial_files
+from orchestrator.run_lock import Heartbeat, RunLocked, acquire, new_token, release
 from orchestrator.telemetry import StreamTelemetry
 from workers.messages import (
     Recovery,
@@ -53,7 +55,9 @@ log = structlog.get_logger(__name__)
 STARTUP_WAIT_S = 60.0  # at start, wait this long for every worker before assigning (avoids moves)
 NODE_CHECK_S = 1.0  # how often node membership is checked
 CALL_TIMEOUT_S = 120.0  # assign / release calls
-MAX_STEP_FAILURES = 3  # a stream whose steps raised this many times is marked failed
+MAX_STEP_FAILURES = 3  # a stream whose worker died or whose step raised this many times in a row fails
+MAX_START_FAILURES = 3  # workers that fail to start this many times in a row end the run
+MAX_LOOP_ERRORS = 5  # control-loop errors in a row that end the run
 CONTROL_TIMEOUT_S = 60.0  # how long a pause/resume/stop request waits to be carried out
 GAUGE_EVERY_S = 1.0  # how often state and checkpoint-age gauges are refreshed
 
@@ -77,11 +81,15 @@ class _Worker:
     info: WorkerInfo | None = None
     streams: set[str] = field(default_factory=set)
     inflight: object | None = None  # ObjectRef of the step in flight
+    inflight_at: float = 0.0  # time.monotonic() when it was sent
 
 
 class OrchestratorImpl:
-    def __init__(self, out_dir: str, poll_s: float = 0.5, start_loop: bool = True):
+    def __init__(self, out_dir: str, poll_s: float = 0.5, start_loop: bool = True, lock_token: str | None = None):
         self.run = RunSpec.load(out_dir)
+        self.fatal: str | None = None  # set once: the run ends failed with this error (driver: exit 1)
+        self._holds_lock = False
+        self._take_lock(lock_token or new_token())
         self.settings = self.run.worker_settings()
         self.poll_s = poll_s
         self.lock = threading.RLock()
@@ -103,7 +111,12 @@ class OrchestratorImpl:
         self._started = False
         self.recoveries: list[Recovery] = []
         self._awaiting: dict[str, int] = {}  # stream -> index into recoveries
-        self._failures: dict[str, int] = {}  # stream -> steps that raised (this incarnation)
+        self._failures: dict[str, int] = {}  # stream -> worker deaths / raising steps in a row (this incarnation)
+        self._failed_at: dict[str, int] = {}  # stream -> the chunk it was at when it last failed
+        self._last_error: dict[str, str] = {}  # stream -> its last failure
+        self._start_failures = 0  # workers in a row that failed to start
+        self._loop_errors = 0
+        self._last_progress = time.monotonic()  # a chunk, an assignment or a worker coming up (stall check)
         self.chunks = self.frames = 0
         self.control_s = 0.0
         self.started_at = time.time()
@@ -122,7 +135,7 @@ class OrchestratorImpl:
             "orchestrator.start", incarnation=self.incarnation, pending=sum(s == "pending" for s in self.state.values())
         )
         self._thread = None
-        if self.run.dashboard_port is not None:
+        if self.run.dashboard_port is not None and self.fatal is None:
             self._start_dashboard()
         if start_loop:
             self._thread = threading.Thread(target=self._loop, name="orchestrator-loop", daemon=True)
@@ -159,6 +172,7 @@ class OrchestratorImpl:
                 tuple(self.recoveries),
                 self.error,
                 self.dashboard.url if self.dashboard is not None else None,
+                self.run.error if self.finished else self.fatal,
             )
 
     def stop(self, stream_ids: list[str] | None = None) -> None:
@@ -213,35 +227,80 @@ class OrchestratorImpl:
         sid = kw.get("stream_id")
         if sid in getattr(self, "telemetry", {}):
             self.telemetry[sid].add_log(name, {k: v for k, v in kw.items() if k != "stream_id"})
-        with contextlib.suppress(OSError), open(Path(self.run.out_dir) / "events.jsonl", "a") as f:
-            f.write(json.dumps({"event": name, "time": time.time(), **kw}, default=str) + "\n")
+        if self._holds_lock:  # another run's directory is not ours to write
+            with contextlib.suppress(OSError):
+                append_event(self.run.out_dir, {"event": name, "time": time.time(), **kw})
+
+    # ---- the run lock and fatal errors ------------------------------------------------------------
+    def _take_lock(self, token: str) -> None:
+        """Hold DIR/run.lock (or end at once: another live run owns the directory), then clean up."""
+        self.lock_token, self._heartbeat = token, None
+        try:
+            taken = acquire(self.run.out_dir, token, "orchestrator")
+        except (RunLocked, OSError) as e:
+            self.fatal = str(e)
+            log.error("run.locked", error=self.fatal)
+            return
+        self._holds_lock = True
+        self._heartbeat = Heartbeat(self.run.out_dir, token, on_lost=self._lock_lost).start()
+        repaired = repair_events(self.run.out_dir)
+        swept = sweep_partial_files(self.run.out_dir)
+        if taken is not None or repaired or swept:
+            self._event(
+                "run.lock_taken",
+                stale=taken.describe() if taken is not None else None,
+                events_line_cut=repaired,
+                partial_files_removed=[str(p.relative_to(self.run.out_dir)) for p in swept],
+            )
+
+    def _lock_lost(self, why: str) -> None:
+        self._holds_lock = False
+        self._fail(why)
+
+    def _fail(self, error: str) -> None:
+        """Record a fatal error: the loop stops the run (failed) and the driver prints it, exit 1."""
+        if self.fatal is None:
+            self.fatal = error
+            self._event("run.fatal", error=error)
 
     # ---- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self.finished:
             try:
                 self._tick()
-            except Exception as e:  # noqa: BLE001 - keep orchestrating; the error is reported in progress()
+                self._loop_errors = 0
+            except Exception as e:  # noqa: BLE001 - keep orchestrating a while; the error is in progress()
                 self.error = f"{type(e).__name__}: {e}"
                 log.exception("orchestrator.loop_error")
+                self._loop_errors += 1
+                fault = environment_fault(e)
+                if fault is not None or self._loop_errors >= MAX_LOOP_ERRORS:
+                    self._fail(f"orchestrator: {fault or self.error}")
+                    with contextlib.suppress(Exception):
+                        self._finish()
+                    self.finished = True
                 time.sleep(1.0)
 
     def _tick(self) -> None:
         t0 = time.perf_counter()
         with self.lock:
+            if self.fatal is not None:
+                self._finish()
+                return
             self._ensure_workers()
             self._check_nodes()
             self._handle_stops()
             self._handle_controls()
             self._assign_pending()
             self._refresh_gauges()
+            self._check_stall()
             if self._all_final():
                 self._finish()
                 return
             refs = {}
             for w in self.workers.values():
                 if w.info is not None and w.streams and w.inflight is None:
-                    w.inflight = w.handle.step.remote()
+                    w.inflight, w.inflight_at = w.handle.step.remote(), time.monotonic()
                 if w.inflight is not None:
                     refs[w.inflight] = w
             waiting = [w.ready_ref for w in self.workers.values() if w.ready_ref is not None]
@@ -287,12 +346,20 @@ class OrchestratorImpl:
             try:
                 w.info = ray.get(w.ready_ref)
             except RayError as e:
-                self._event("worker.start_failed", worker_id=w.id, error=str(e)[:500])
+                self._event("worker.start_failed", worker_id=w.id, error=str(e)[-800:])
                 self.workers.pop(w.id)
                 remove_worker(w.id)
+                self._start_failures += 1
+                fault = environment_fault(e)
+                if fault is not None or self._start_failures >= MAX_START_FAILURES:
+                    why = fault or _last_line(e)
+                    self._fail(f"workers fail to start ({self._start_failures} in a row): {why}")
+                    return
                 time.sleep(1.0)
                 continue
             w.ready_ref = None
+            self._start_failures = 0
+            self._last_progress = time.monotonic()
             self._event("worker.ready", worker_id=w.id, pid=w.info.pid, node_id=w.info.node_id)
             if self._started:
                 self._rebalance(w)
@@ -307,7 +374,7 @@ class OrchestratorImpl:
             if w.info is not None and w.info.node_id and w.info.node_id not in alive:
                 self._lost(w, "node lost")
 
-    def _lost(self, w: _Worker, reason: str) -> None:
+    def _lost(self, w: _Worker, reason: str, error: str | None = None) -> None:
         if self.workers.pop(w.id, None) is None:
             return
         with contextlib.suppress(Exception):
@@ -325,21 +392,33 @@ class OrchestratorImpl:
                 self._awaiting[sid] = idx
         self._event("worker.lost", worker_id=w.id, node_id=node, reason=reason, streams=list(streams))
         self.metrics.on_recovery(reason.split(":")[0])
+        for sid in streams:
+            self._count_failure(sid, f"worker {w.id}: {reason}" if error is None else error)
 
     def _step_failed(self, w: _Worker, err: Exception) -> None:
-        """A step raised. The worker is replaced and its streams reload from their checkpoints, like
-        after a crash; a stream whose steps failed MAX_STEP_FAILURES times is marked failed (a
-        deterministic bug would otherwise rerun forever)."""
+        """A step raised. A fault of the environment (disk full, permission) ends the run; otherwise the
+        worker is replaced and its streams reload from their checkpoints, as after a crash."""
         streams = sorted(w.streams)
         self._event("worker.step_failed", worker_id=w.id, streams=streams, error=str(err)[-800:])
-        self._lost(w, "step failed")
-        for sid in streams:
-            self._failures[sid] = self._failures.get(sid, 0) + 1
-            if self._failures[sid] >= MAX_STEP_FAILURES and self.state[sid] == "pending":
-                self.state[sid] = "failed"
-                self._awaiting.pop(sid, None)
+        fault = environment_fault(err)
+        if fault is not None:
+            self._fail(f"worker {w.id} on streams {streams}: {fault}")
+        self._lost(w, "step failed", error=_last_line(err))
+
+    def _count_failure(self, sid: str, error: str) -> None:
+        """One more failure of ``sid`` where it failed last time (worker death, raising step or assign);
+        after MAX_STEP_FAILURES in a row the stream is failed: a deterministic fault would rerun forever."""
+        at = self.next_chunk.get(sid, 0)
+        if self._failed_at.get(sid) != at:
+            self._failures[sid] = 0  # it got past where it failed before: a new series
+        self._failed_at[sid], self._last_error[sid] = at, error
+        self._failures[sid] = self._failures.get(sid, 0) + 1
+        if self._failures[sid] >= MAX_STEP_FAILURES and self.state[sid] == "pending":
+            self.state[sid] = "failed"
+            self._awaiting.pop(sid, None)
+            with contextlib.suppress(OSError):
                 self._mark_manifest(sid, "failed")
-                self._event("stream.failed", stream_id=sid, failures=self._failures[sid])
+            self._event("stream.failed", stream_id=sid, chunk_index=at, failures=self._failures[sid], error=error)
 
     def _live(self) -> list[_Worker]:
         return [w for w in self.workers.values() if w.info is not None]
@@ -378,12 +457,28 @@ class OrchestratorImpl:
             except (RayActorError, GetTimeoutError) as e:
                 self._lost(w, f"assign failed: {type(e).__name__}")
                 continue
+            except RayTaskError as e:  # assign raised: the worker is fine, the stream is not
+                w.streams.discard(sid)
+                self.assigned.pop(sid, None)
+                self.state[sid] = "pending"
+                self._event("stream.assign_failed", stream_id=sid, worker_id=w.id, error=str(e)[-800:])
+                fault = environment_fault(e)
+                if fault is not None:
+                    self._fail(f"assigning stream {sid}: {fault}")
+                self._count_failure(sid, f"assign: {_last_line(e)}")
+                continue
             self.next_chunk[sid], self.last_ckpt[sid] = a.start_chunk, a.checkpoint
+            self._last_progress = time.monotonic()
             if a.skipped:
                 self._event("checkpoint.fallback", stream_id=sid, chunk_index=a.checkpoint, skipped=list(a.skipped))
             self._event(
                 "stream.assigned", stream_id=sid, worker_id=w.id, chunk_index=a.start_chunk, checkpoint=a.checkpoint
             )
+            if a.done:  # found at its target (its final checkpoint was saved, its manifest not yet)
+                self.state[sid] = "done"
+                self.assigned.pop(sid, None)
+                w.streams.discard(sid)
+                self._event("stream.done", stream_id=sid, chunk_index=a.start_chunk - 1, found_at_target=True)
 
     def _rebalance(self, new: _Worker) -> None:
         """A worker joined: move streams to it from the most loaded workers until loads differ by <= 1."""
@@ -419,6 +514,8 @@ class OrchestratorImpl:
         self.chunks += r.chunks
         self.frames += r.frames
         now = time.time()
+        if r.chunks:
+            self._last_progress = time.monotonic()
         for p in r.streams:
             sid = p.stream_id
             if self.assigned.get(sid) != w.id:
@@ -530,19 +627,79 @@ class OrchestratorImpl:
     def _all_final(self) -> bool:
         return all(st in FINAL_STATES for st in self.state.values())
 
+    def _check_stall(self) -> None:
+        """A silent hang ends the run: a step that has not returned for stall_timeout_s, or no chunk,
+        assignment or worker start for that long while streams wait."""
+        now, limit = time.monotonic(), self.run.stall_timeout_s
+        for w in self.workers.values():
+            if w.inflight is not None and now - w.inflight_at > limit:
+                busy = now - w.inflight_at
+                streams = sorted(w.streams)
+                self._fail(
+                    f"worker {w.id}: a step on streams {streams} has not returned for {busy:.0f} s (stall timeout)"
+                )
+                return
+        if not any(st in ("pending", "running") for st in self.state.values()):
+            self._last_progress = time.monotonic()  # nothing asked to run (every stream paused)
+            return
+        idle = time.monotonic() - self._last_progress
+        if idle > self.run.stall_timeout_s:
+            waiting = sorted(s for s, st in self.state.items() if st in ("pending", "running"))
+            self._fail(
+                f"no progress for {idle:.0f} s (--stall-timeout {self.run.stall_timeout_s:g}); waiting: {waiting}"
+            )
+
+    def _run_error(self) -> str | None:
+        if self.fatal is not None:
+            return self.fatal
+        failed = sorted(s for s, st in self.state.items() if st == "failed")
+        if not failed:
+            return None
+        last = "; ".join(f"{s}: {self._last_error[s]}" for s in failed if s in self._last_error)
+        return f"streams {failed} failed" + (f" ({last})" if last else "")
+
     def _finish(self) -> None:
+        """End the run: every worker shut down, run.json's state written, temporaries removed, lock freed.
+        Bounded: each step has a timeout, and a failing write is reported, never retried forever."""
+        if self.fatal is not None:
+            for sid, st in self.state.items():
+                if st not in FINAL_STATES:
+                    self.state[sid] = "failed"
+                    if self._holds_lock:
+                        with contextlib.suppress(OSError):
+                            self._mark_manifest(sid, "failed")
         states = set(self.state.values())
         self.run.state = "done" if states == {"done"} else "failed" if "failed" in states else "stopped"
-        self.run.save()
         for w in self.workers.values():
-            with contextlib.suppress(Exception):
-                ray.get(w.handle.shutdown.remote(), timeout=30)
+            if self.fatal is None:  # a failing run's workers may be hung or failing: no graceful shutdown
+                with contextlib.suppress(Exception):
+                    ray.get(w.handle.shutdown.remote(), timeout=30)
             with contextlib.suppress(Exception):
                 ray.kill(w.handle, no_restart=True)
             remove_worker(w.id)
         self.workers.clear()
-        self._event("run.finished", state=self.run.state, chunks=self.chunks)
+        self.run.error = self._run_error()
+        if self._holds_lock:
+            with contextlib.suppress(OSError):  # first: on a full disk this frees what run.json needs
+                sweep_partial_files(self.run.out_dir)
+            try:
+                self.run.save()
+            except OSError as e:
+                self.run.state = "failed"
+                self.run.error = self.run.error or f"cannot write {self.run.path}: {e}"
+            self._event("run.finished", state=self.run.state, chunks=self.chunks, error=self.run.error)
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
+            with contextlib.suppress(OSError):
+                release(self.run.out_dir, self.lock_token)
+            self._holds_lock = False
         self.finished = True
+
+
+def _last_line(err: BaseException) -> str:
+    """The exception line of an error (a RayTaskError's text is its remote traceback)."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[-300:]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=8)
@@ -550,8 +707,12 @@ class Orchestrator(OrchestratorImpl):
     """Detached, named actor; create with :func:`start_orchestrator`."""
 
 
-def start_orchestrator(out_dir: str):
-    """Get this output directory's Orchestrator actor, creating it (detached, restartable) if absent."""
+def start_orchestrator(out_dir: str, lock_token: str | None = None):
+    """Get this output directory's Orchestrator actor, creating it (detached, restartable) if absent.
+
+    ``lock_token``: the token of DIR/run.lock the caller holds (the driver), adopted by the actor; a new
+    one when None. Ray restarts the actor with the same token, so a restarted incarnation keeps the lock.
+    """
     return Orchestrator.options(
         name=actor_name(out_dir), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(str(Path(out_dir).resolve()))
+    ).remote(str(Path(out_dir).resolve()), lock_token=lock_token or new_token())

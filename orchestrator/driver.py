@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,13 +16,43 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from tqdm import tqdm
 
 from orchestrator.actor import start_orchestrator
+from orchestrator.cli_common import UsageError
 from orchestrator.registry import NAMESPACE, RunSpec, request_stop
+from orchestrator.run_lock import Heartbeat, RunLocked, acquire, new_token, release
 from workers.config import ModelConfig
 from workers.messages import RunProgress
 
 log = structlog.get_logger(__name__)
 
 ORCHESTRATOR_GONE_S = 180.0  # how long the driver waits for a restarting orchestrator
+
+
+class RunLock:
+    """The driver's hold on DIR/run.lock, from before anything is written until the command ends.
+
+    The Orchestrator adopts the same token and heartbeats it too, so the lock stays fresh while either
+    lives (a detached orchestrator outlives a killed driver). A live directory is refused: UsageError.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.token, self.lost = out_dir, new_token(), None
+        try:
+            acquire(out_dir, self.token, "driver")
+        except RunLocked as e:
+            raise UsageError(f"{e}; watch it with `longroll status --out {out_dir}`") from None
+        self._beat = Heartbeat(out_dir, self.token, on_lost=self._on_lost).start()
+
+    def _on_lost(self, why: str) -> None:
+        self.lost = why
+
+    def release(self) -> None:
+        self._beat.stop()
+        with contextlib.suppress(OSError):
+            release(self.out_dir, self.token)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the run like Ctrl-C: every stream checkpointed, nothing half-written
 
 
 def connect(address: str | None, run: RunSpec, verbose: bool = False) -> None:
@@ -69,9 +101,12 @@ def _get_progress(orch) -> RunProgress | None:
         return None  # restarting: Ray re-runs its constructor, which rebuilds the run from DIR
 
 
-def drive(run: RunSpec, quiet: bool = False) -> int:
-    """Run the Orchestrator of ``run.out_dir`` to the end with a live progress display. Returns the exit code."""
-    orch = start_orchestrator(run.out_dir)
+def drive(run: RunSpec, lock: RunLock, quiet: bool = False) -> int:
+    """Run the Orchestrator of ``run.out_dir`` to the end with a live progress display. Returns the exit code:
+    0 done or stopped, 1 failed (one `error:` line) or interrupted."""
+    with contextlib.suppress(ValueError):  # only the main thread may install handlers
+        signal.signal(signal.SIGTERM, _terminate)
+    orch = start_orchestrator(run.out_dir, lock_token=lock.token)
     targets = [e.target_chunks for e in run.streams]
     total = None if any(t is None for t in targets) else sum(targets)
     bar = tqdm(total=total, unit="chunk", desc="longroll", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
@@ -100,8 +135,10 @@ def drive(run: RunSpec, quiet: bool = False) -> int:
                 refresh=False,
             )
             bar.refresh()
-            if p.state in ("done", "stopped"):
+            if p.state in ("done", "stopped", "failed"):
                 break
+            if lock.lost is not None:
+                raise RuntimeError(lock.lost)
             time.sleep(0.5)
     except KeyboardInterrupt:
         bar.close()
@@ -110,7 +147,7 @@ def drive(run: RunSpec, quiet: bool = False) -> int:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             q = _get_progress(orch)
-            if q is not None and q.state in ("done", "stopped"):
+            if q is not None and q.state in ("done", "stopped", "failed"):
                 break
             time.sleep(0.5)
         ray.kill(orch, no_restart=True)
@@ -118,6 +155,12 @@ def drive(run: RunSpec, quiet: bool = False) -> int:
         return 1
     bar.close()
     ray.kill(orch, no_restart=True)
+    if p.state == "failed":
+        print(
+            f"error: {p.fatal or 'the run failed'} (continue with `longroll resume --out {run.out_dir}`)",
+            file=sys.stderr,
+        )
+        return 1
     elapsed = time.monotonic() - t0
     frames = p.frames
     cfg = ModelConfig.from_dict(run.model)

@@ -62,6 +62,7 @@ class RunSpec:
     dashboard_allow_hosts: list[str] = field(default_factory=list)  # Host names served beside the loopback ones
     stall_timeout_s: float = 600.0  # no chunk anywhere for this long: the run fails (exit 1)
     state: str = "running"  # running | done | stopped | failed
+    error: str | None = None  # why the run failed (set when it ends)
     created_at: float = field(default_factory=time.time)
 
     @property

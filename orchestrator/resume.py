@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.cli_common import UsageError
-from orchestrator.driver import connect, drive
+from orchestrator.driver import RunLock, connect, drive
 from orchestrator.registry import RUN_FILE, RunSpec, clear_stops
 from workers.output import write_json_atomic
 
@@ -49,7 +49,7 @@ def prepare_resume(spec: RunSpec, stream_ids: list[str]) -> list[str]:
         if m is None or m.get("state") != "done":
             todo.append(sid)
     if todo:
-        spec.state = "running"
+        spec.state, spec.error = "running", None
         spec.save()
     return todo
 
@@ -57,8 +57,12 @@ def prepare_resume(spec: RunSpec, stream_ids: list[str]) -> list[str]:
 def run(args) -> int:
     spec = load_run(args.out)
     check_ids(spec, args.stream_ids)
-    if not prepare_resume(spec, args.stream_ids):
-        print(f"nothing to resume: every selected stream of {spec.out_dir} is done")
-        return 0
-    connect(args.address, spec, verbose=args.verbose)
-    return drive(spec, quiet=args.quiet)
+    lock = RunLock(spec.out_dir)  # a live run (its orchestrator heartbeats the lock): exit 2, nothing touched
+    try:
+        if not prepare_resume(spec, args.stream_ids):
+            print(f"nothing to resume: every selected stream of {spec.out_dir} is done")
+            return 0
+        connect(args.address, spec, verbose=args.verbose)
+        return drive(spec, lock, quiet=args.quiet)
+    finally:
+        lock.release()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.driver import connect, drive
+from orchestrator.driver import RunLock, connect, drive
 from orchestrator.run_options import add_run_options, build_run_spec
 
 
@@ -17,6 +17,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     spec = build_run_spec(args)  # every UsageError before anything is written or started
-    spec.save()
-    connect(args.address, spec, verbose=args.verbose)
-    return drive(spec, quiet=args.quiet)
+    lock = RunLock(spec.out_dir)  # two `run`s racing for one directory: the second exits 2
+    try:
+        spec.save()
+        connect(args.address, spec, verbose=args.verbose)
+        return drive(spec, lock, quiet=args.quiet)
+    finally:
+        lock.release()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from orchestrator.registry import pending_stops
 from orchestrator.resume import load_run
+from orchestrator.run_lock import is_stale, read_lock
 
 
 def register(sub) -> None:
@@ -39,9 +40,19 @@ def collect(out: str) -> dict:
     if spec.state == "running":  # where its orchestrator said it serves the dashboard (no secret in that file)
         with contextlib.suppress(OSError, ValueError):
             dashboard = json.loads((Path(spec.out_dir) / "dashboard.json").read_text())["url"]
+    info = read_lock(spec.out_dir)
+    lock = None
+    if info is not None:
+        lock = {
+            "live": not is_stale(info),
+            "holders": {role: {"host": h, "pid": pid} for role, (h, pid) in info.holders.items()},
+            "heartbeat_age_s": round(info.age_s, 1),
+        }
     return {
         "out": spec.out_dir,
         "state": spec.state,
+        "error": spec.error,
+        "lock": lock,
         "streams": streams,
         "stop_requested": "all" if stops is None else sorted(stops),
         "dashboard": dashboard,
@@ -54,6 +65,13 @@ def run(args) -> int:
         print(json.dumps(s, indent=1))
         return 0
     print(f"run {s['out']}: {s['state']}" + (f" (dashboard {s['dashboard']})" if s["dashboard"] else ""))
+    if s["error"]:
+        print(f"error: {s['error']}")
+    if s["lock"] is not None:
+        lk = s["lock"]
+        who = ", ".join(f"{r} pid {h['pid']} on {h['host']}" for r, h in sorted(lk["holders"].items()))
+        kind = "live" if lk["live"] else "stale (the next run or resume takes it over)"
+        print(f"lock: {kind}, held by {who or 'unknown'}, heartbeat {lk['heartbeat_age_s']} s ago")
     print(f"{'stream':<20} {'state':<9} {'chunks':>13} {'frames':>8} {'checkpoint':>10} {'segments':>8}")
     for r in s["streams"]:
         target = "inf" if r["target_chunks"] is None else r["target_chunks"]

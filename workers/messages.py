@@ -46,6 +46,7 @@ class Assigned:
     start_chunk: int  # first chunk this worker generates (= the checkpoint it loaded, or 0)
     checkpoint: int | None  # chunk of the loaded checkpoint, None when started fresh
     skipped: tuple[str, ...] = ()  # invalid newer checkpoints that were passed over, with reasons
+    done: bool = False  # the stream was found at its target: nothing to generate, the worker does not hold it
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class Recovery:
 class RunProgress:
     """Snapshot of a run, from the Orchestrator actor to the CLI."""
 
-    state: str  # starting | running | done | stopped
+    state: str  # starting | running | done | stopped | failed
     streams: tuple[StreamStatus, ...]
     workers: tuple[WorkerInfo, ...]
     chunks: int  # chunks generated since this orchestrator (re)started
@@ -120,6 +121,7 @@ class RunProgress:
     recoveries: tuple[Recovery, ...] = ()
     error: str | None = None
     dashboard_url: str | None = None  # where the run's web dashboard listens (None: no dashboard)
+    fatal: str | None = None  # why the run failed or is failing (the driver prints it as its `error:` line)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ so regenerating a chunk replaces rather than duplicates. The orchestrator decide
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 
 from workers.checkpoints import CheckpointStore
 from workers.config import ModelConfig
+from workers.failpoints import failpoint
 from workers.logs import configure_logging
 from workers.messages import Assigned, StepReport, StreamAssignment, StreamProgress, WorkerInfo, WorkerSettings
 from workers.migration import StreamMigration
@@ -33,8 +36,9 @@ log = structlog.get_logger(__name__)
 class StubGenerator:
     """Benchmarks and tests of the control plane: chunks of 1 tiny frame, no model.
 
-    A stream whose prompt is ``raise-at:N`` makes the step that would produce its chunk N raise
-    (failure injection for tests of the orchestrator's error path).
+    Failure injection for tests of the orchestrator's error paths, by prompt: ``raise-at:N`` makes the
+    step that would produce chunk N raise, ``die-at:N`` kills the worker process there (SIGKILL), and
+    ``hang-at:N`` blocks it for ever (a silent hang).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -48,6 +52,10 @@ class StubGenerator:
         for s in states:
             if s.spec.prompt == f"raise-at:{s.next_chunk}":
                 raise RuntimeError(f"injected failure: {s.stream_id} chunk {s.next_chunk}")
+            if s.spec.prompt == f"die-at:{s.next_chunk}":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if s.spec.prompt == f"hang-at:{s.next_chunk}":
+                threading.Event().wait()
             frames = torch.zeros(1, 2, 2, 3, dtype=torch.uint8)
             out.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk, torch.zeros(1), frames))
             s.next_chunk += 1
@@ -156,10 +164,6 @@ class GeneratorWorkerImpl(StreamMigration):
             self.gen.check_state(state)
         else:
             state, ckpt = self.gen.new_stream(a.spec), None
-        if self.memory is not None and self.cfg.memory == "retrieval":
-            # warm the hot tier from the store; the rows a resumed stream may use all predate its checkpoint
-            version = loaded.extra.get("memory_table_version") if loaded is not None else None
-            self.memory.open_stream(sid, version=version if version and version > 0 else None)
         out = StreamOutput(
             Path(self.s.out_dir) / "streams" / sid,
             sid,
@@ -171,6 +175,16 @@ class GeneratorWorkerImpl(StreamMigration):
             self.s.crf,
         )
         out.start_at(state.next_chunk)
+        if a.target_chunks is not None and state.next_chunk >= a.target_chunks:
+            # its final checkpoint was saved but the manifest not yet marked done (a crash in between):
+            # generating on would run past the target for ever
+            out.write_manifest("done", ckpt, {"worker": self.worker_id})
+            bound.info("stream.found_done", chunk_index=state.next_chunk, checkpoint=ckpt)
+            return Assigned(sid, state.next_chunk, ckpt, skipped, done=True)
+        if self.memory is not None and self.cfg.memory == "retrieval":
+            # warm the hot tier from the store; the rows a resumed stream may use all predate its checkpoint
+            version = loaded.extra.get("memory_table_version") if loaded is not None else None
+            self.memory.open_stream(sid, version=version if version and version > 0 else None)
         h = _Held(a, state, out, store, ckpt)
         self.streams[sid] = h
         out.write_manifest("running", ckpt, {"worker": self.worker_id})
@@ -215,7 +229,8 @@ class GeneratorWorkerImpl(StreamMigration):
         for h, chunk in zip(held, chunks):
             frames += chunk.num_frames
             end = chunk.chunk_index + 1
-            finished = end == h.assignment.target_chunks
+            target = h.assignment.target_chunks
+            finished = target is not None and end >= target
             if self.memory is not None:
                 self._store_chunk(chunk)
             if h.output is not None:
@@ -223,6 +238,8 @@ class GeneratorWorkerImpl(StreamMigration):
                 if closed and (end % self.s.checkpoint_every == 0 or finished):
                     self._checkpoint(h)
                     n_ckpt += 1
+                    if finished:
+                        failpoint("after-final-checkpoint")
                     h.output.write_manifest(
                         "done" if finished else "running", h.last_checkpoint, {"worker": self.worker_id}
                     )
