@@ -84,6 +84,9 @@ class WanFamily:
             with torch.device("meta"):  # no random init of 1.4 B parameters only to overwrite them (18 s on 2 cores)
                 model = WanChunkModel(cfg)
             check_keys(sd, model.transformer.config)
+            # own, aligned memory: tensors mmapped from a safetensors file may start at any 8-byte offset,
+            # and CPU kernels then take other code paths (results not bit-identical to the same weights elsewhere)
+            sd = {k: v.to(device=device, copy=True) for k, v in sd.items()}
             model.transformer.load_state_dict(sd, strict=True, assign=True)
             model.rebuild_buffers()
             self.weights_sha = weights_digest(self.parts, ema=source.ema)
