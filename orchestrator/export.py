@@ -6,6 +6,12 @@ with metadata ``stream_id``, ``first_chunk``, ``last_chunk`` and ``frames_per_ch
 must cover a contiguous chunk range from chunk 0 (or from the oldest kept segment when the run
 dropped old ones with --keep-segments); otherwise, or when FILE's suffix does not fit the stream,
 the command fails with exit 2 before writing anything.
+
+Every segment joined is first checked against the size and sha256 its manifest entry recorded
+(orchestrator.integrity; entries from before checksums are joined unverified). A damaged segment
+fails the command with exit 2 before anything is written: the convention this command already
+follows for a run directory whose segments are missing or unreadable. FILE must lie outside the run
+directory (symlinks resolved), so an export can never overwrite the run's own segments or manifests.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 
 from orchestrator.cli_common import UsageError
 from orchestrator.generate import check_output_path
+from orchestrator.integrity import verify_segment
 from orchestrator.resume import check_ids, load_run
 from workers.latent_segments import join_latent_segments, read_segment_info
 from workers.output import KIND_OF_SUFFIX, SUFFIXES
@@ -63,10 +70,25 @@ def _check_latent_segments(sid: str, paths: list[Path], first: int, last: int) -
     return infos[0].frames_per_chunk
 
 
+def _check_outside_run(file: str, run_dir: str) -> None:
+    """UsageError if FILE (symlinks resolved) lies inside the run directory: it could replace a segment."""
+    out, run = Path(file).resolve(), Path(run_dir).resolve()
+    if out.is_relative_to(run):
+        raise UsageError(f"output file {file} is inside the run directory {run}: write it somewhere else")
+
+
+def _verify_segments(sid: str, stream_dir: Path, m: dict) -> None:
+    """UsageError naming every segment whose size or sha256 differs from its manifest entry."""
+    problems = [p for e in m["segments"] if (p := verify_segment(stream_dir, e)) is not None]
+    if problems:
+        raise UsageError(f"stream {sid}: damaged segments, not exported: {'; '.join(problems)}")
+
+
 def run(args) -> int:
     spec = load_run(args.out)
     sid = args.stream_id
     check_ids(spec, [sid])
+    _check_outside_run(args.file, spec.out_dir)
     m = spec.manifest(sid)
     if not m or not m.get("segments"):
         raise UsageError(f"stream {sid} has no segments yet")
@@ -75,13 +97,14 @@ def run(args) -> int:
     if Path(args.file).suffix.lower() != suffix:
         raise UsageError(f"stream {sid} has {kind} segments: output file must end in {suffix}: {args.file}")
     path = check_output_path(args.file, suffix=suffix)
+    fpc = _check_latent_segments(sid, paths, first, last) if kind == "latents" else 0
+    _verify_segments(sid, spec.stream_dir(sid), m)
     if kind == "mp4":
         with Mp4Writer(path, fps=m["fps"]) as w:
             for p in paths:
                 w.write(read_mp4(p))
         print(f"wrote {path}: {w.frames_written} frames of {sid} (chunks {first}..{last})")
         return 0
-    fpc = _check_latent_segments(sid, paths, first, last)
     meta = {"stream_id": sid, "first_chunk": str(first), "last_chunk": str(last), "frames_per_chunk": str(fpc)}
     shape = join_latent_segments(paths, path, meta)
     print(f"wrote {path}: latents {list(shape)} of {sid} (chunks {first}..{last})")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from orchestrator.cli_common import UsageError
 from orchestrator.driver import RunLock, connect, drive
+from orchestrator.integrity import check_resumable
 from orchestrator.registry import RUN_FILE, RunSpec, clear_stops
 from workers.output import write_json_atomic
 
@@ -57,6 +58,7 @@ def prepare_resume(spec: RunSpec, stream_ids: list[str]) -> list[str]:
 def run(args) -> int:
     spec = load_run(args.out)
     check_ids(spec, args.stream_ids)
+    check_resumable(spec, args.stream_ids)  # damaged segments the resumed streams would keep: exit 2
     lock = RunLock(spec.out_dir)  # a live run (its orchestrator heartbeats the lock): exit 2, nothing touched
     try:
         if not prepare_resume(spec, args.stream_ids):

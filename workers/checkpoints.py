@@ -5,6 +5,11 @@ Layout under the root: ``<stream_id>/checkpoints/<chunk:08d>/{state.safetensors,
 extra fields such as the memory-store table version, and its own sha256) is the commit record written
 last. A directory without a valid ``meta.json`` or whose payload fails the checksum is not a checkpoint:
 loading passes over it (and logs why) to the previous one. Only the newest ``keep`` are kept.
+
+On a local filesystem each file is committed durably (workers.durable: temp file, fsync, rename,
+fsync of the directory) in that order, state first, then meta, then the checkpoints directory that
+holds the new chunk's folder, so after a power loss a checkpoint is either whole or not there. On an
+object store (s3://, gs://, ...) each PUT is atomic and durable on its own: nothing is fsynced.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import structlog
 
+from workers.durable import fsync_dir, write_atomic
 from workers.state import META_FILE, STATE_FILE, StreamState
 
 log = structlog.get_logger(__name__)
@@ -51,13 +57,29 @@ class CheckpointStore:
         self.fs, base = open_fs(root)
         self.dir = f"{base.rstrip('/')}/{stream_id}/checkpoints"
         self.stream_id, self.keep = stream_id, keep
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self._parents_synced = False  # the stream's folders above self.dir, made durable on the first save
 
-    def _write(self, path: str, data: bytes) -> None:
-        # tmp + move: a rename on local disks; object stores make each PUT atomic on their own
+    def _write(self, path: str, data: bytes, durable: bool = True) -> None:
+        if self.local:  # pyarrow's local paths are plain OS paths: commit with fsyncs
+            write_atomic(path, data, durable=durable)
+            return
+        # tmp + move: object stores make each PUT atomic (and durable) on their own
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, path)
+
+    def _sync_dirs(self, durable: bool) -> None:
+        """Make the new chunk folder's name durable (and, once, the folders create_dir may have made)."""
+        if not self.local:
+            return
+        fsync_dir(self.dir, durable=durable)
+        if not self._parents_synced:
+            stream_dir = os.path.dirname(self.dir)
+            for d in (stream_dir, os.path.dirname(stream_dir)):
+                fsync_dir(d, durable=durable)
+            self._parents_synced = durable
 
     def chunks(self) -> list[int]:
         """Chunk numbers of the checkpoint directories present (valid or not), ascending."""
@@ -68,16 +90,20 @@ class CheckpointStore:
         out = [int(i.base_name) for i in infos if i.type == pafs.FileType.Directory and i.base_name.isdigit()]
         return sorted(out)
 
-    def save(self, state: StreamState, extra: dict | None = None) -> int:
-        """Write a checkpoint at ``state.next_chunk``; prune to the newest ``keep``. Returns the chunk."""
+    def save(self, state: StreamState, extra: dict | None = None, *, durable: bool = True) -> int:
+        """Write a checkpoint at ``state.next_chunk``; prune to the newest ``keep``. Returns the chunk.
+
+        ``durable=False`` skips the fsyncs; it exists for bench/durability.py only.
+        """
         chunk = state.next_chunk
         d = f"{self.dir}/{chunk:08d}"
         self.fs.create_dir(d, recursive=True)
         payload, meta = state.to_bytes()
         meta = {**meta, "chunk": chunk, "extra": extra or {}}
         meta["meta_sha256"] = _meta_digest(meta)
-        self._write(f"{d}/{STATE_FILE}", payload)
-        self._write(f"{d}/{META_FILE}", json.dumps(meta, indent=1).encode())  # the commit record
+        self._write(f"{d}/{STATE_FILE}", payload, durable)
+        self._write(f"{d}/{META_FILE}", json.dumps(meta, indent=1).encode(), durable)  # the commit record
+        self._sync_dirs(durable)
         for old in self.chunks()[: -self.keep]:
             if old < chunk:
                 self.fs.delete_dir(f"{self.dir}/{old:08d}")

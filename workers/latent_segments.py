@@ -4,9 +4,11 @@ A latent segment file holds one tensor ``latents`` ``[F_total, C, H, W]`` float3
 latents concatenated along frames, in chunk order) and the string metadata ``first_chunk``,
 ``last_chunk`` and ``frames_per_chunk``, so ``F_total == (last_chunk - first_chunk + 1) *
 frames_per_chunk``. :class:`LatentSegmentWriter` mirrors :class:`workers.video.Mp4Writer`: chunks
-are held in memory (a segment is at most ``segment_chunks`` chunks) and the file is written under a
-hidden temporary name and renamed into place on ``close()``. :func:`join_latent_segments` writes
-the export of many segments while holding one segment at a time.
+are held in memory (a segment is at most ``segment_chunks`` chunks) and the file is committed on
+``close()`` through workers.durable (hidden temp file, fsync, rename, fsync of the directory);
+:meth:`LatentSegmentWriter.to_bytes` gives the file's bytes for a caller that commits (and hashes)
+them itself. :func:`join_latent_segments` writes the export of many segments while holding one
+segment at a time, and commits it the same durable way.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
+
+from workers.durable import commit_file, temp_path, write_atomic
 
 TENSOR = "latents"  # the one tensor of a latent segment (and of an export)
 
@@ -35,7 +39,6 @@ class LatentSegmentWriter:
 
     def __init__(self, path: str | os.PathLike, first_chunk: int):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.first_chunk = first_chunk
         self._chunks: list[torch.Tensor] = []  # each [F, C, H, W] float32, CPU (copies: the caller may reuse)
 
@@ -52,7 +55,8 @@ class LatentSegmentWriter:
     def chunks_written(self) -> int:
         return len(self._chunks)
 
-    def close(self) -> Path:
+    def to_bytes(self) -> bytes:
+        """The segment file's bytes (safetensors), built in memory: nothing touches the disk."""
         if not self._chunks:
             raise ValueError("no chunks were written")
         meta = {
@@ -60,18 +64,16 @@ class LatentSegmentWriter:
             "last_chunk": str(self.first_chunk + len(self._chunks) - 1),
             "frames_per_chunk": str(self._chunks[0].shape[0]),
         }
-        try:
-            save_file({TENSOR: torch.cat(self._chunks)}, self.tmp, metadata=meta)  # N x [F, C, H, W] -> [N*F, C, H, W]
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            self.tmp.unlink(missing_ok=True)
-            raise
+        return st_save({TENSOR: torch.cat(self._chunks)}, metadata=meta)  # N x [F, C, H, W] -> [N*F, C, H, W]
+
+    def close(self) -> Path:
+        """Commit the segment at ``path`` durably (a failed write leaves no temp file behind)."""
+        write_atomic(self.path, self.to_bytes())
         self._chunks = []
         return self.path
 
     def abort(self) -> None:
-        self._chunks = []
-        self.tmp.unlink(missing_ok=True)
+        self._chunks = []  # nothing is on disk before close()
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ def join_latent_segments(paths: list[Path], out: str | os.PathLike, metadata: di
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)  # the reference writer pads the header to 8 bytes with spaces
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_path(out)
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(hb)) + hb)
@@ -146,8 +148,8 @@ def join_latent_segments(paths: list[Path], out: str | os.PathLike, metadata: di
                 if tuple(t.shape) != info.shape:
                     raise ValueError(f"{p}: changed while exporting")
                 f.write(t.contiguous().numpy().tobytes())
-        os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    commit_file(tmp, out)  # removes tmp itself if the commit fails
     return shape

@@ -8,8 +8,12 @@ A stream's kind is decided by its first written chunk; the manifest's top-level 
 ``"mp4"`` or ``"latents"`` (``null`` before any chunk), each segment entry's ``file`` carries the
 suffix, and ``frames_per_chunk`` / ``frames_done`` count latent frames for a latent stream.
 
-A segment is encoded into a hidden file and renamed into place when it closes, so readers only ever
-see whole segments, and a segment regenerated after a recovery replaces its earlier copy under the same name.
+A segment is encoded into a hidden file and committed when it closes (fsync the file, rename it
+under its chunk-range name, fsync the directory: workers.durable), so readers only ever see whole
+segments, even after a power loss, and a segment regenerated after a recovery replaces its earlier
+copy under the same name. Each manifest entry carries the committed file's ``sha256`` and ``bytes``
+(orchestrator.integrity checks them); entries written before checksums existed have neither and
+count as unverified. The manifest itself is committed the same durable way.
 Segments close every ``segment_chunks`` chunks (aligned to multiples of it), at the stream's end and
 when the stream is stopped or moved; checkpoints are only taken at those boundaries, so a stream
 restarted from checkpoint ``c`` starts a fresh segment at ``c`` after deleting any segment at or past
@@ -19,6 +23,7 @@ restarted from checkpoint ``c`` starts a fresh segment at ``c`` after deleting a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -28,6 +33,7 @@ from typing import NamedTuple
 
 import structlog
 
+from workers.durable import commit_file, file_sha256, write_atomic
 from workers.latent_segments import LatentSegmentWriter
 from workers.types import Chunk
 from workers.video import Mp4Writer
@@ -59,10 +65,9 @@ def chunk_kind(chunk: Chunk) -> str:
     return "latents" if chunk.frames.numel() == 0 else "mp4"
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def write_json_atomic(path: Path, obj: dict, *, durable: bool = True) -> None:
+    """Commit a JSON file (manifest, run.json) atomically and durably; ``durable=False`` is for the bench only."""
+    write_atomic(path, json.dumps(obj, indent=1).encode(), durable=durable)
 
 
 def read_manifest(stream_dir: Path) -> dict | None:
@@ -114,6 +119,7 @@ class StreamOutput:
         self.kind: str | None = None  # "mp4" | "latents", decided by the first chunk written
         self.frames_per_chunk = 0
         self.segments: list[Segment] = []
+        self.checksums: dict[str, tuple[str, int]] = {}  # segment file name -> (sha256 hex, bytes)
         self.dropped_segments = 0
         self.chunks_done = 0
 
@@ -132,6 +138,7 @@ class StreamOutput:
                 log.info("segment.discarded", stream_id=self.stream_id, chunk_index=s.first, last=s.last)
         self.segments = segment_files(self.seg_dir)
         prev = read_manifest(self.dir) or {}
+        self.checksums = _known_checksums(prev, {s.name for s in self.segments})
         self.dropped_segments = int(prev.get("dropped_segments", 0))
         self.frames_per_chunk = int(prev.get("frames_per_chunk", 0))
         self.kind = self.segments[-1].kind if self.segments else prev.get("output")
@@ -168,22 +175,23 @@ class StreamOutput:
         return self.seg_dir / f".open-{self._open_first:08d}{SUFFIXES[self.kind]}"
 
     def close_segment(self) -> None:
-        """Commit the open segment (if any) under its chunk-range name."""
+        """Commit the open segment (if any) durably under its chunk-range name, recording its checksum."""
         if self._writer is None:
             return
-        tmp = self._writer.close()
         seg = Segment(self._open_first, self._open_last, self.kind)
-        os.replace(tmp, self.seg_dir / seg.name)
+        self.checksums[seg.name] = _commit_segment(self._writer, self.seg_dir / seg.name)
         self._writer, self._open_first, self._open_last = None, None, None
         for old in self.segments:
             if old.first == seg.first and old.name != seg.name:  # replaced by a segment of another range
                 (self.seg_dir / old.name).unlink(missing_ok=True)
+                self.checksums.pop(old.name, None)
         self.segments = sorted([s for s in self.segments if s.first != seg.first] + [seg])
         self.chunks_done = seg.last + 1
         if self.keep_segments is not None:
             while len(self.segments) > self.keep_segments:
                 old = self.segments.pop(0)
                 (self.seg_dir / old.name).unlink(missing_ok=True)
+                self.checksums.pop(old.name, None)
                 self.dropped_segments += 1
 
     def abort(self) -> None:
@@ -209,12 +217,50 @@ class StreamOutput:
             "target_chunks": self.target_chunks,
             "last_checkpoint": last_checkpoint,
             "output": self.kind,
-            "segments": [
-                {"first": s.first, "last": s.last, "file": f"segments/{s.name}"} for s in sorted(self.segments)
-            ],
+            "segments": [self._entry(s) for s in sorted(self.segments)],
             "dropped_segments": self.dropped_segments,
             "updated_at": time.time(),
             **(extra or {}),
         }
         write_json_atomic(self.dir / MANIFEST, m)
         return m
+
+    def _entry(self, s: Segment) -> dict:
+        e = {"first": s.first, "last": s.last, "file": f"segments/{s.name}"}
+        if s.name in self.checksums:  # absent for a segment committed before checksums (unverified)
+            e["sha256"], e["bytes"] = self.checksums[s.name]
+        return e
+
+
+def _commit_segment(writer: Mp4Writer | LatentSegmentWriter, target: Path) -> tuple[str, int]:
+    """Commit a writer's finished segment at ``target``; returns (sha256 hex, bytes) of what was committed.
+
+    Latent bytes are built in memory, hashed and written in one durable write. An mp4 is finished
+    into the writer's temp file, hashed there (a segment is small) and then committed by rename, so
+    the checksum is of exactly the bytes that appear under ``target``.
+    """
+    if isinstance(writer, LatentSegmentWriter):
+        data = writer.to_bytes()
+        write_atomic(target, data)
+        return hashlib.sha256(data).hexdigest(), len(data)
+    try:
+        digest = file_sha256(writer.finish())
+    except BaseException:
+        writer.abort()  # removes the temp file
+        raise
+    commit_file(writer.tmp, target)  # removes the temp file itself if the commit fails
+    return digest
+
+
+def _known_checksums(manifest: dict, names: set[str]) -> dict[str, tuple[str, int]]:
+    """Checksums the previous manifest recorded for segment files still present (matched by file name).
+
+    A resumed stream rebuilds its segment list from the directory; without this its next manifest
+    would drop the checksums of every segment written before the restart.
+    """
+    out = {}
+    for e in manifest.get("segments") or []:
+        name = Path(str(e.get("file", ""))).name
+        if name in names and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int):
+            out[name] = (e["sha256"], e["bytes"])
+    return out

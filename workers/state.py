@@ -18,6 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ops.latent_cache import LatentKVCache
+from workers.durable import write_atomic
 from workers.types import StreamSpec
 
 STATE_FILE = "state.safetensors"
@@ -103,9 +104,5 @@ class StreamState:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Durable commit (workers.durable): the file and its directory entry are on disk when this returns."""
+    write_atomic(path, data)

@@ -1,7 +1,9 @@
 """MP4 output through PyAV (its wheels ship FFmpeg with libx264: nothing is downloaded at run time).
 
-Files are written under a temporary name beside the target and renamed into place on a clean
-close, so a reader never sees a half-written video and a failed run leaves nothing behind.
+Files are written under a temporary name beside the target and committed on a clean close (fsync,
+rename, fsync of the directory: workers.durable), so a reader never sees a half-written video, not
+even after a power loss, and a failed run leaves nothing behind. :meth:`Mp4Writer.finish` stops
+short of the commit for a caller that hashes the file first and commits it under another name.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+
+from workers.durable import commit_file
 
 
 class Mp4Writer:
@@ -57,14 +61,27 @@ class Mp4Writer:
                 self._container.mux(packet)
             self.frames_written += 1
 
-    def close(self) -> Path:
+    def finish(self) -> Path:
+        """Flush the encoder and close the file; returns the finished temp file, not yet committed.
+
+        The caller commits it (workers.durable.commit_file) or discards it with :meth:`abort`.
+        """
         if self._container is None:
             raise ValueError("no frames were written")
         for packet in self._stream.encode():
             self._container.mux(packet)
         self._container.close()
         self._container = None
-        os.replace(self.tmp, self.path)
+        return self.tmp
+
+    def close(self) -> Path:
+        """Finish the video and commit it durably at ``path`` (the temp file is removed if that fails)."""
+        try:
+            tmp = self.finish()
+        except BaseException:
+            self.abort()
+            raise
+        commit_file(tmp, self.path)
         return self.path
 
     def abort(self) -> None:
