@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
+from orchestrator import bounds
 from workers.config import MEMORY_MODES, PRESETS, ModelConfig
 from workers.models.source import ModelSource
 
@@ -18,6 +22,85 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + two lines otherwise)
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+# ---- bounds (orchestrator/bounds.py holds the limits) -----------------------------------------
+def check_value(label: str, value, rng: bounds.Range) -> None:
+    """UsageError ``{label} must be ...`` unless ``value`` lies in ``rng``."""
+    problem = rng.problem(value)
+    if problem:
+        raise UsageError(f"{label} {problem}")
+
+
+def check_flags(args: argparse.Namespace, table: dict[str, bounds.Range]) -> None:
+    """Every flag of ``table`` (argparse dest -> Range) that is set lies in its range. Raises UsageError."""
+    for dest, rng in table.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            note = bounds.FLAG_NOTES.get(dest)
+            check_value("--" + dest.replace("_", "-") + (f" ({note})" if note else ""), value, rng)
+
+
+def check_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None) is not None:
+        check_value("--threads", args.threads, bounds.threads_range(bounds.this_machine()))
+
+
+def check_prompt(label: str, prompt: str) -> None:
+    size = len(prompt.encode("utf-8", errors="surrogatepass"))
+    if size > bounds.MAX_PROMPT_BYTES:
+        raise UsageError(
+            f"{label} is {size} bytes of UTF-8; at most {bounds.MAX_PROMPT_BYTES} (umT5 reads 512 tokens anyway)"
+        )
+
+
+def check_input_file(label: str, path: str | os.PathLike) -> Path:
+    """An existing regular file no larger than MAX_INPUT_FILE_BYTES (read whole). Raises UsageError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{label} not found: {path}")
+    size = p.stat().st_size
+    if size > bounds.MAX_INPUT_FILE_BYTES:
+        raise UsageError(f"{label} {path} is {size} bytes; at most {bounds.MAX_INPUT_FILE_BYTES} (16 MiB) are read")
+    return p
+
+
+def check_upscaled_frame(cfg: ModelConfig, upscale: int) -> None:
+    """A written (decoded) frame times ``upscale`` is at most MAX_FRAME_SIDE px a side. Raises UsageError."""
+    if not cfg.can_decode:  # latents only: nothing is upscaled
+        return
+    h, w = cfg.latent_height * cfg.vae_stride[1] * upscale, cfg.latent_width * cfg.vae_stride[2] * upscale
+    if max(h, w) > bounds.MAX_FRAME_SIDE:
+        raise UsageError(
+            f"--upscale {upscale} makes {w}x{h} px frames; at most {bounds.MAX_FRAME_SIDE} px a side "
+            f"({w * h * 3 / 2**20:.0f} MiB per RGB frame otherwise)"
+        )
+
+
+def is_uri(location: str) -> bool:
+    """An object-store / remote URI (s3://, gs://, db://, ...): not probed here."""
+    return "://" in location
+
+
+def check_writable_location(label: str, location: str) -> None:
+    """A local directory path that exists writable or can be created: its nearest existing ancestor
+    must be a writable directory. A real probe (a temporary file, removed at once): permission bits
+    say nothing for root or on read-only mounts. URIs with a scheme are left alone. Raises UsageError."""
+    if is_uri(location):
+        return
+    path = Path(location).absolute()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{label} {location} exists and is not a directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{label} {location} is not writable: {probe} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".longroll-probe-"):
+            pass
+    except OSError:
+        raise UsageError(f"{label} {location} is not writable: cannot create files in {probe}") from None
 
 
 def add_model_options(p: argparse.ArgumentParser, memory: bool = True) -> None:
@@ -58,7 +141,16 @@ def _rollout_flags(args: argparse.Namespace, base: ModelConfig) -> dict:
     if getattr(args, "config", None):
         from orchestrator.rollout_config import rollout_overrides
 
-        found, ignored = rollout_overrides(args.config, base.frames_per_chunk, base.sink_frames)
+        check_input_file("config file", args.config)
+        try:
+            found, ignored = rollout_overrides(args.config, base.frames_per_chunk, base.sink_frames)
+        except RecursionError:
+            raise UsageError(f"config file {args.config} is nested too deeply") from None
+        for key, value in found.items():
+            if key in bounds.ROLLOUT:
+                check_value(f"config file {args.config}: {key}", value, bounds.ROLLOUT[key])
+            elif key in ("denoising_steps", "sigmas"):
+                _check_step_count(f"config file {args.config}: {key}", value)
         out.update(found)
         if ignored:
             print(f"note: {args.config}: ignored keys not about the rollout: {', '.join(ignored)}", file=sys.stderr)
@@ -71,6 +163,7 @@ def _rollout_flags(args: argparse.Namespace, base: ModelConfig) -> dict:
             out["denoising_steps"] = tuple(float(t) for t in steps.split(",") if t.strip())
         except ValueError:
             raise UsageError(f"--denoising-steps must be comma-separated numbers, got {steps!r}") from None
+        _check_step_count("--denoising-steps", out["denoising_steps"])
     for flag, field_name in (("height", "latent_height"), ("width", "latent_width")):
         px = getattr(args, flag, None)
         if px is None:
@@ -82,8 +175,16 @@ def _rollout_flags(args: argparse.Namespace, base: ModelConfig) -> dict:
     return out
 
 
+def _check_step_count(label: str, steps) -> None:
+    if isinstance(steps, (tuple, list)) and len(steps) > bounds.MAX_DENOISING_STEPS:
+        raise UsageError(
+            f"{label} has {len(steps)} steps; at most {bounds.MAX_DENOISING_STEPS} (timesteps lie in (0, 1000])"
+        )
+
+
 def build_config(args: argparse.Namespace) -> ModelConfig:
     """ModelConfig from the model options; invalid combinations become a UsageError."""
+    check_flags(args, bounds.MODEL_FLAGS)
     try:
         base = ModelConfig.from_name(args.preset)
         rollout = _rollout_flags(args, base)
@@ -164,12 +265,16 @@ class WorldChoice:
 def parse_trajectory(value: str) -> tuple[str, tuple[tuple[int, int], ...]]:
     if value == "none":
         return "", ()
-    from workers.world.trajectory import Trajectory
+    from workers.world.trajectory import BUILTINS, Trajectory
 
+    if value not in BUILTINS and Path(value).suffix == ".json":
+        check_input_file("trajectory file", value)
     try:
         t = Trajectory.parse(value)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
+    except RecursionError:
+        raise UsageError(f"trajectory file {value} is nested too deeply") from None
     return t.kind, t.actions
 
 
@@ -182,8 +287,7 @@ def world_choice(args: argparse.Namespace, cfg: ModelConfig) -> WorldChoice:
         resolve(weights, cfg)
     except ValueError as e:
         raise UsageError(f"--weights {weights}: {e}") from None
-    if args.world is not None and not 0 <= args.world < 2**63:
-        raise UsageError(f"--world must be in [0, 2**63), got {args.world}")
+    check_flags(args, bounds.WORLD_FLAGS)
     kind, actions = parse_trajectory(args.trajectory or ("revisit" if weights == SHIPPED else "none"))
     if not kind and args.world is not None:
         raise UsageError("--world needs a camera trajectory (not --trajectory none)")

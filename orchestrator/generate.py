@@ -19,11 +19,17 @@ import structlog
 import torch
 from tqdm import tqdm
 
+from orchestrator import bounds
 from orchestrator.cli_common import (
     UsageError,
     add_model_options,
     add_world_options,
     build_config,
+    check_flags,
+    check_prompt,
+    check_threads,
+    check_upscaled_frame,
+    check_writable_location,
     wan_source,
     world_choice,
 )
@@ -143,12 +149,32 @@ def open_generate_memory(uri: str | None, out: Path, cfg):
     return link
 
 
+def check_length(args, cfg, video: bool) -> None:
+    """--frames / --chunks within MAX_CHUNKS chunks, and every latent (kept until the end) in memory."""
+    per_chunk = cfg.frames_per_chunk * (cfg.vae_stride[0] if video else 1)  # frames of --frames per chunk
+    chunks = args.chunks if args.chunks is not None else -(-args.frames // per_chunk)
+    if chunks > bounds.MAX_CHUNKS:
+        raise UsageError(
+            f"--frames {args.frames} needs {chunks} chunks of {per_chunk} frames; at most {bounds.MAX_CHUNKS} "
+            "(chunk numbers are 8 digits everywhere on disk)"
+        )
+    frame = cfg.latent_channels * cfg.latent_height * cfg.latent_width * 4  # float32 latents
+    copies = 2 + (2 * len(cfg.sigmas) if args.trace else 0)  # the list and its concatenation; --trace: x_t, x0
+    held = chunks * cfg.frames_per_chunk * frame * copies
+    m = bounds.this_machine()
+    if held > m.memory_bytes * bounds.MEMORY_FRACTION:
+        flag = f"--chunks {args.chunks}" if args.chunks is not None else f"--frames {args.frames}"
+        raise UsageError(
+            f"{flag} keeps {held / 1e9:.1f} GB of latents in memory until the end, more than "
+            f"{bounds.MEMORY_FRACTION:.0%} of this machine's {m.memory_bytes / 1e9:.1f} GB: generate fewer frames "
+            "or use `longroll run`, which writes segments as it goes"
+        )
+
+
 def run_generate(args) -> dict:
-    for flag in ("frames", "chunks"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag} must be > 0, got {getattr(args, flag)}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    check_flags(args, bounds.GENERATE_FLAGS)
+    check_threads(args)
+    check_prompt("--prompt", args.prompt)
     cfg = build_config(args)
     latents_out = check_tensor_path(args.latents_out, "--latents-out")
     trace_out = check_tensor_path(args.trace, "--trace")
@@ -160,6 +186,8 @@ def run_generate(args) -> dict:
             "write them with --latents-out FILE.safetensors (without --out)"
         )
     out = check_output_path(args.out) if args.out is not None else None
+    if args.memory_uri is not None:
+        check_writable_location("--memory-uri", args.memory_uri)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if cfg.family == "wan":
         cfg, source = wan_source(args, cfg)
@@ -172,6 +200,9 @@ def run_generate(args) -> dict:
 
         source = ModelSource(weights=resolve(world.weights, cfg))
         weights_name = world.weights
+    check_length(args, cfg, video=out is not None)
+    if out is not None:
+        check_upscaled_frame(cfg, args.upscale)
     fpc = cfg.frames_per_chunk
     if args.chunks is not None:
         frames = args.chunks * fpc * (cfg.vae_stride[0] if out is not None else 1)

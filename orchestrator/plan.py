@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from ops.latent_cache import TORCH_DTYPES
+from orchestrator import bounds
 from orchestrator.cli_common import UsageError, add_model_options, build_config
 from workers.config import ModelConfig
 from workers.models.tiny.model import CausalVideoDiT
@@ -38,7 +39,10 @@ def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
         raise UsageError(f"cannot read a memory size from {text!r} (try 80GB or 141GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    size = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not 1 <= size <= bounds.MAX_GPU_MEM:  # also inf: '9' * 400 digits
+        raise UsageError(f"--gpu-mem {text[:40]!r} must be 1 B..16 TiB (one accelerator's memory)")
+    return int(size)
 
 
 UMT5_XXL_PARAMS = 5_680_910_336  # the umT5-XXL encoder's parameters (workers.models.wan.text.umt5_xxl_config)
@@ -55,25 +59,45 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@dataclass(frozen=True)
+class StreamBudget:
+    """Bytes one stream holds while it runs (what limits how many fit in a memory)."""
+
+    cache: int  # its cache at capacity, the text K/V included
+    text_kv: int  # wan: the prompt's cross-attention K/V (part of ``cache``)
+    activations: int  # live activations of one chunk, one layer at a time
+
+    @property
+    def total(self) -> int:
+        return self.cache + self.activations
+
+
+def stream_budget(cfg: ModelConfig) -> StreamBudget:
+    elem = TORCH_DTYPES[cfg.dtype].itemsize
+    chunk_tokens = cfg.frames_per_chunk * cfg.tokens_per_frame
+    # live activations of one stream's chunk: residual + FFN hidden + q/k/v/out, one layer at a time
+    activations = chunk_tokens * cfg.dim * (cfg.ffn_hidden // cfg.dim + 6) * elem
+    # wan: the prompt's cross-attention K/V, computed once per stream and kept ([k | v] x layers x text tokens)
+    text_kv = 2 * cfg.num_layers * cfg.text_len * cfg.dim * elem if cfg.family == "wan" else 0
+    return StreamBudget(cfg.cache_layout().capacity_bytes() + text_kv, text_kv, activations)
+
+
 def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
     """Size a deployment of ``cfg`` on GPUs with ``gpu_mem`` bytes for streams of ``hours`` hours.
 
     Returns a JSON-able dict; every byte figure is in bytes.
     """
-    if hours <= 0:
-        raise UsageError(f"--hours must be > 0, got {hours}")
+    problem = bounds.PLAN_FLAGS["hours"].problem(hours)
+    if problem:
+        raise UsageError(f"--hours {problem}")
     layout = cfg.cache_layout()
     base_dtype = "bf16" if cfg.cache_dtype == "fp8" else cfg.cache_dtype
     mha = replace(cfg, attention="mha", cache_dtype=base_dtype).cache_layout()
     elem = TORCH_DTYPES[cfg.dtype].itemsize
     params = count_params(cfg)
     weights = params * elem
-    chunk_tokens = cfg.frames_per_chunk * cfg.tokens_per_frame
-    # live activations of one stream's chunk: residual + FFN hidden + q/k/v/out, one layer at a time
-    activations = chunk_tokens * cfg.dim * (cfg.ffn_hidden // cfg.dim + 6) * elem
-    # wan: the prompt's cross-attention K/V, computed once per stream and kept ([k | v] x layers x text tokens)
-    text_kv = 2 * cfg.num_layers * cfg.text_len * cfg.dim * elem if cfg.family == "wan" else 0
-    cache_stream = layout.capacity_bytes() + text_kv
+    budget = stream_budget(cfg)
+    activations, text_kv, cache_stream = budget.activations, budget.text_kv, budget.cache
     # wan: the umT5-XXL encoder sits beside the model once a worker encodes a prompt (--prompt-embeds avoids it)
     text_encoder = UMT5_XXL_PARAMS * elem if cfg.family == "wan" else 0
     usable = gpu_mem * (1 - RESERVED_FRACTION) - weights - text_encoder

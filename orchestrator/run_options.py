@@ -6,17 +6,25 @@ Every check happens before anything is written or started: bad input is one Usag
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
-import os
+import re
 import tomllib
 from pathlib import Path
 
+from orchestrator import bounds
 from orchestrator.cli_common import (
     UsageError,
     WorldChoice,
     add_model_options,
     add_world_options,
     build_config,
+    check_flags,
+    check_input_file,
+    check_prompt,
+    check_upscaled_frame,
+    check_value,
+    check_writable_location,
     wan_source,
     world_choice,
 )
@@ -88,20 +96,89 @@ def add_run_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 DEFAULT_DASHBOARD_PORT = 8470
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1123
 
 
-def _positive(name: str, value, allow_none: bool = True) -> None:
-    if value is None and allow_none:
+def host_problem(host: str) -> str | None:
+    """None for a host name or an IP literal (IPv6 optionally in brackets), else what is wrong."""
+    what = "must be a host name or IP address (no scheme, port, path or spaces)"
+    if not host or len(host) > bounds.MAX_HOST_NAME:
+        return f"{what} of 1..{bounds.MAX_HOST_NAME} characters, got {host[:80]!r}"
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(literal)
+        return None
+    except ValueError:
+        if literal != host:
+            return f"{what}: brackets only around an IPv6 address, got {host!r}"
+    labels = (host[:-1] if host.endswith(".") else host).split(".")
+    if all(_HOST_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit():
+        return None
+    return f"{what}, got {host!r}"
+
+
+def _check_dashboard_hosts(args) -> None:
+    problem = host_problem(args.dashboard_host)
+    if problem:
+        raise UsageError(f"--dashboard-host {problem}")
+    hosts = list(args.dashboard_allow_host)
+    if len(hosts) > bounds.MAX_ALLOW_HOSTS:
+        raise UsageError(f"--dashboard-allow-host given {len(hosts)} times; at most {bounds.MAX_ALLOW_HOSTS}")
+    for host in hosts:
+        problem = host_problem(host)
+        if problem:
+            raise UsageError(f"--dashboard-allow-host {problem}")
+
+
+def _check_workers(args) -> None:
+    """Worker processes and reserved CPUs: an absolute cap, and this machine's CPUs for an embedded Ray."""
+    ranks = args.workers * args.group_size
+    if ranks > bounds.MAX_WORKERS:
+        raise UsageError(
+            f"--workers {args.workers} x --group-size {args.group_size} = {ranks} worker processes; "
+            f"at most {bounds.MAX_WORKERS} per run (each is a process with its own copy of the model)"
+        )
+    if getattr(args, "address", None):  # a cluster: its size is known only once connected
         return
-    if value is None or value <= 0:
-        raise UsageError(f"{name} must be > 0, got {value}")
+    m = bounds.this_machine()
+    cap = m.cpus * bounds.OVERSUBSCRIPTION
+    cpus = ranks * args.worker_cpus
+    if ranks > cap or cpus > cap:
+        what = f"{ranks} worker processes" if ranks > cap else f"{cpus:g} CPUs (x --worker-cpus {args.worker_cpus:g})"
+        raise UsageError(
+            f"--workers {args.workers} needs {what}; the embedded Ray on this machine takes at most {cap} "
+            f"({bounds.OVERSUBSCRIPTION}x its {m.cpus} CPUs): lower it, or run on a cluster with --address"
+        )
+
+
+def _check_stream_memory(args, cfg, streams: list[StreamEntry], segment_chunks: int) -> None:
+    """The streams an embedded run holds at once must fit in this machine's memory (plan's per-stream budget)."""
+    if getattr(args, "address", None):  # a cluster's memory is unknown before connecting: MAX_STREAMS only
+        return
+    from orchestrator.plan import stream_budget
+
+    per_stream, parts = stream_budget(cfg).total, "cache and activations"
+    if not cfg.can_decode:  # latent segments are held in memory until they close
+        frame = cfg.latent_channels * cfg.latent_height * cfg.latent_width * 4  # float32
+        per_stream, parts = per_stream + segment_chunks * cfg.frames_per_chunk * frame, "cache, activations, segment"
+    resident = len(streams)
+    if args.streams_per_worker is not None:
+        resident = min(resident, args.workers * args.streams_per_worker)
+    m = bounds.this_machine()
+    allowed = int(m.memory_bytes * bounds.MEMORY_FRACTION)
+    if resident * per_stream > allowed:
+        label = f"--spec {args.spec}" if args.spec is not None else f"--streams {len(streams)}"
+        raise UsageError(
+            f"{label}: {resident} streams at once hold about {resident * per_stream / 1e9:.1f} GB "
+            f"({per_stream / 1e6:.1f} MB each: {parts}), more than "
+            f"{bounds.MEMORY_FRACTION:.0%} of this machine's {m.memory_bytes / 1e9:.1f} GB; at most "
+            f"{allowed // per_stream} fit (or cap them with --streams-per-worker, or use --address)"
+        )
 
 
 def load_spec_file(path: str) -> list[dict]:
     """Stream entries of a TOML or JSON spec file (chosen by suffix; other suffixes: JSON, then TOML)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"spec file not found: {path}")
+    p = check_input_file("spec file", path)
     text = p.read_text(errors="replace")
     parsers = {".toml": [tomllib.loads], ".json": [json.loads]}.get(p.suffix.lower(), [json.loads, tomllib.loads])
     data, errors = None, []
@@ -111,12 +188,32 @@ def load_spec_file(path: str) -> list[dict]:
             break
         except (ValueError, tomllib.TOMLDecodeError) as e:  # JSONDecodeError is a ValueError
             errors.append(str(e).splitlines()[0])
+        except RecursionError:
+            errors.append("nested too deeply")
     if data is None:
         raise UsageError(f"spec file {path} is not valid TOML/JSON: {errors[-1]}")
     streams = data if isinstance(data, list) else data.get("streams") if isinstance(data, dict) else None
     if not isinstance(streams, list) or not streams or not all(isinstance(s, dict) for s in streams):
         raise UsageError(f"spec file {path} needs a non-empty list `streams` of tables/objects")
+    if len(streams) > bounds.MAX_STREAMS:
+        raise UsageError(f"spec file {path} has {len(streams)} streams; at most {bounds.MAX_STREAMS} per run")
     return streams
+
+
+def _check_spec_entry(i: int, s: dict, chunks) -> None:
+    unknown = set(s) - {"id", "seed", "prompt", "chunks", "trajectory", "world"}
+    if unknown:
+        raise UsageError(
+            f"stream {i}: unknown keys {sorted(unknown)} (allowed: id, seed, prompt, chunks, trajectory, world)"
+        )
+    if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0):
+        raise UsageError(f"stream {s.get('id')!r}: chunks must be a positive integer, got {chunks!r}")
+    if chunks is not None:
+        check_value(f"stream {s.get('id')!r}: chunks", chunks, bounds.CHUNKS)
+    for key in ("seed", "world"):
+        if s.get(key) is not None:
+            check_value(f"stream {i}: {key}", s[key], bounds.SEED)
+    check_prompt(f"stream {i}: prompt", str(s.get("prompt", "")))
 
 
 def build_streams(args, world: WorldChoice) -> list[StreamEntry]:
@@ -125,18 +222,12 @@ def build_streams(args, world: WorldChoice) -> list[StreamEntry]:
         raw = load_spec_file(args.spec)
     else:
         n = 3 if args.streams is None else args.streams
-        _positive("--streams", n, allow_none=False)
+        check_value("--streams", n, bounds.STREAMS)
         raw = [{"id": f"s{i}", "seed": args.seed + i, "prompt": args.prompt} for i in range(n)]
     out, seen = [], set()
     for i, s in enumerate(raw):
-        unknown = set(s) - {"id", "seed", "prompt", "chunks", "trajectory", "world"}
-        if unknown:
-            raise UsageError(
-                f"stream {i}: unknown keys {sorted(unknown)} (allowed: id, seed, prompt, chunks, trajectory, world)"
-            )
         chunks = s.get("chunks", default_chunks)
-        if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0):
-            raise UsageError(f"stream {s.get('id')!r}: chunks must be a positive integer, got {chunks!r}")
+        _check_spec_entry(i, s, chunks)
         try:
             fields = world.spec_fields(s.get("seed", 0), s.get("trajectory"), s.get("world"))
             spec = StreamSpec(s.get("id"), s.get("seed", 0), str(s.get("prompt", "")), **fields)
@@ -151,25 +242,25 @@ def build_streams(args, world: WorldChoice) -> list[StreamEntry]:
     return out
 
 
+def _check_out(args) -> None:
+    """The output directory (and local checkpoint / memory locations) can be written. Raises UsageError."""
+    out = Path(args.out)
+    if (out / RUN_FILE).exists():
+        raise UsageError(f"{out} already holds a run; continue it with `longroll resume --out {out}`")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"output directory {out} exists and is not empty")
+    check_writable_location("output directory", args.out)
+    for flag in ("checkpoint_uri", "memory_uri"):
+        if getattr(args, flag) is not None:
+            check_writable_location("--" + flag.replace("_", "-"), getattr(args, flag))
+
+
 def build_run_spec(args, check_out: bool = True) -> RunSpec:
     """Validate the run options into a RunSpec. Raises UsageError; writes nothing."""
-    for name in (
-        "chunks",
-        "workers",
-        "checkpoint_every",
-        "segment_chunks",
-        "keep_checkpoints",
-        "keep_segments",
-        "streams_per_worker",
-        "worker_cpus",
-        "upscale",
-        "group_size",
-    ):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if not 0 <= args.dashboard_port <= 65535:
-        raise UsageError(f"--dashboard-port must be in 0..65535, got {args.dashboard_port}")
+    check_flags(args, bounds.RUN_FLAGS)
+    check_prompt("--prompt", args.prompt)
+    _check_dashboard_hosts(args)
+    _check_workers(args)
     cfg = build_config(args)
     if args.group_size > 1:
         from workers.group_parallel import check_group
@@ -189,18 +280,12 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
         world = WorldChoice(source.weights or "random", "", (), None)
     else:
         world = world_choice(args, cfg)
+    check_upscaled_frame(cfg, args.upscale)
     streams = build_streams(args, world)
+    _check_stream_memory(args, cfg, streams, seg)
     out = Path(args.out)
     if check_out:
-        if (out / RUN_FILE).exists():
-            raise UsageError(f"{out} already holds a run; continue it with `longroll resume --out {out}`")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UsageError(f"output directory {out} exists and is not empty")
-        parent = out.resolve().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not os.access(parent, os.W_OK):
-            raise UsageError(f"output directory is not writable: {parent}")
+        _check_out(args)
     return RunSpec(
         out_dir=str(out.resolve()),
         model=cfg.to_dict(),

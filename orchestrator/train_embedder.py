@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from orchestrator.cli_common import UsageError
+from orchestrator import bounds
+from orchestrator.cli_common import UsageError, check_flags, check_writable_location
 from workers.types import validate_stream_id
 
 
@@ -30,8 +31,8 @@ def run(args) -> int:
     from memory_store.conv_ae import train_embedder
     from memory_store.db import connect, list_streams
 
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    check_flags(args, bounds.TRAIN_EMBEDDER_FLAGS)
+    check_writable_location("--out", args.out)
     uri = args.memory
     if "://" not in uri and not Path(uri).is_dir():
         raise UsageError(f"memory database not found: {uri}")

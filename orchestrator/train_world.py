@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from orchestrator.cli_common import UsageError
+from orchestrator import bounds
+from orchestrator.cli_common import UsageError, check_flags, check_threads, check_writable_location
 
 
 def register(sub) -> None:
@@ -40,6 +41,9 @@ def run(args) -> int:
 
     from workers.world.train import META, WEIGHTS, TrainConfig, train_world
 
+    check_flags(args, bounds.TRAIN_WORLD_FLAGS)
+    check_threads(args)
+    check_writable_location("--out", args.out)
     try:
         tc = TrainConfig.from_name(args.recipe, steps=args.steps, batch=args.batch, lr=args.lr, threads=args.threads)
     except (ValueError, TypeError) as e:
