@@ -19,9 +19,10 @@ import structlog
 log = structlog.get_logger(__name__)
 
 EVENTS_FILE = "events.jsonl"
-# hidden temporaries of the atomic writers: `.name.tmp-<pid>`, `.open-<chunk>.mp4`, `.name.<x>.tmp`, and
-# checkpoint files `state.safetensors.tmp-<hex>` (written next to their target through pyarrow.fs)
-_PARTIAL = re.compile(r"^\.open-|^\..*\.tmp(-\w+)?$|\.tmp-[0-9a-f]{8}$")
+# hidden temporaries of the atomic writers (workers.durable: `.name.tmp-<pid>-<hex>`; an open segment
+# `.open-<chunk>.mp4` and its encoder's own temp), and checkpoint files `state.safetensors.tmp-<hex>`
+# written beside their target through pyarrow.fs
+_PARTIAL = re.compile(r"^\.(open-|.*\.tmp)|\.tmp-[0-9a-f]{8}$")
 _SKIP_DIRS = {"memory"}
 
 
