@@ -9,6 +9,20 @@ import sys
 import structlog
 
 
+class _StderrLogger:
+    """Prints each line to whatever ``sys.stderr`` is at that moment. structlog's PrintLogger keeps the
+    stream it was made with, which breaks once that stream is replaced and closed (a test's capture)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger(*args) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
     """JSON lines on stderr (services) or a console renderer (interactive CLI).
 
@@ -27,6 +41,6 @@ def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

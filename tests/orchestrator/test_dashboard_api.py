@@ -169,7 +169,8 @@ def test_bad_input_404_401_422_and_no_client_paths(live):
         assert r.status_code == 422, (body[:20], r.status_code, r.text)
     assert c.get("/api/streams/s2").json()["state"] == "running"
     names = {p.name for p in live["out"].iterdir()}
-    assert names <= {"run.json", "events.jsonl", "streams", "memory", "dashboard.json", "dashboard.token"}, names
+    allowed = {"run.json", "run.lock", "events.jsonl", "streams", "memory", "dashboard.json", "dashboard.token"}
+    assert names <= allowed, names
 
 
 def test_metrics_reach_rays_prometheus_endpoint(live):
