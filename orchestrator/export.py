@@ -1,6 +1,12 @@
 """`longroll export`: join one stream's segments of a run into a single file.
 
-An mp4 stream's segments join into ``FILE.mp4``; a latent stream's (``*.safetensors`` segments, see
+An mp4 stream's segments join into ``FILE.mp4`` without re-encoding: their packets are copied into
+one file (workers.video.remux_mp4), so it decodes to exactly the segments' frames. Segments that
+do not share codec parameters (some written before an encoding change) are decoded and re-encoded
+instead (x264 crf 18: lossy), with a ``warning:`` line on stderr. ``--latents`` exports the
+stream's latents instead, into ``FILE.safetensors``: a decoded stream's latent sidecars (written
+when the run kept latents; every segment must have one) or a latent stream's segments.
+A latent stream's (``*.safetensors`` segments, see
 workers.output) into ``FILE.safetensors`` holding one tensor ``latents`` ``[F, C, H, W]`` float32,
 with metadata ``stream_id``, ``first_chunk``, ``last_chunk`` and ``frames_per_chunk``. The segments
 must cover a contiguous chunk range from chunk 0 (or from the oldest kept segment when the run
@@ -16,6 +22,7 @@ directory (symlinks resolved), so an export can never overwrite the run's own se
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from orchestrator.cli_common import UsageError
@@ -24,7 +31,7 @@ from orchestrator.integrity import verify_segment
 from orchestrator.resume import check_ids, load_run
 from workers.latent_segments import join_latent_segments, read_segment_info
 from workers.output import KIND_OF_SUFFIX, SUFFIXES
-from workers.video import Mp4Writer, read_mp4
+from workers.video import Mp4Writer, ParamsDiffer, read_mp4, remux_mp4
 
 
 def register(sub) -> None:
@@ -32,6 +39,11 @@ def register(sub) -> None:
     p.add_argument("stream_id", metavar="STREAM_ID")
     p.add_argument("file", metavar="FILE", help="FILE.mp4 for a video stream, FILE.safetensors for a latent stream")
     p.add_argument("--out", default="out/run", help="output directory of the run (default out/run)")
+    p.add_argument(
+        "--latents",
+        action="store_true",
+        help="export the stream's latents (FILE.safetensors): a decoded stream's latent sidecars",
+    )
     p.set_defaults(func=run)
 
 
@@ -52,6 +64,20 @@ def _checked_segments(sid: str, stream_dir: Path, m: dict) -> tuple[str, list[Pa
     if missing:
         raise UsageError(f"stream {sid}: segment files missing: {missing}")
     return kinds.pop(), paths, start, segs[-1]["last"]
+
+
+def _checked_sidecars(sid: str, stream_dir: Path, m: dict) -> tuple[list[Path], list[dict]]:
+    """(sidecar paths in chunk order, their entries to verify); UsageError unless every segment has one."""
+    segs = sorted(m["segments"], key=lambda s: s["first"])
+    without = [s["file"] for s in segs if not s.get("latents")]
+    if without:
+        raise UsageError(f"stream {sid}: segments without a latent sidecar (the run did not keep latents): {without}")
+    paths = [stream_dir / s["latents"] for s in segs]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UsageError(f"stream {sid}: latent sidecars missing: {missing}")
+    entries = [{"file": s["latents"], "bytes": s.get("latents_bytes"), "sha256": s.get("latents_sha256")} for s in segs]
+    return paths, entries
 
 
 def _check_latent_segments(sid: str, paths: list[Path], first: int, last: int) -> int:
@@ -77,9 +103,9 @@ def _check_outside_run(file: str, run_dir: str) -> None:
         raise UsageError(f"output file {file} is inside the run directory {run}: write it somewhere else")
 
 
-def _verify_segments(sid: str, stream_dir: Path, m: dict) -> None:
-    """UsageError naming every segment whose size or sha256 differs from its manifest entry."""
-    problems = [p for e in m["segments"] if (p := verify_segment(stream_dir, e)) is not None]
+def _verify_segments(sid: str, stream_dir: Path, entries: list[dict]) -> None:
+    """UsageError naming every file joined whose size or sha256 differs from its manifest entry."""
+    problems = [p for e in entries if (p := verify_segment(stream_dir, e)) is not None]
     if problems:
         raise UsageError(f"stream {sid}: damaged segments, not exported: {'; '.join(problems)}")
 
@@ -92,18 +118,31 @@ def run(args) -> int:
     m = spec.manifest(sid)
     if not m or not m.get("segments"):
         raise UsageError(f"stream {sid} has no segments yet")
-    kind, paths, first, last = _checked_segments(sid, spec.stream_dir(sid), m)
+    stream_dir = spec.stream_dir(sid)
+    kind, paths, first, last = _checked_segments(sid, stream_dir, m)
+    # what is joined is what is verified: the mp4s without their sidecars, or the sidecars alone
+    entries = [{k: v for k, v in e.items() if not k.startswith("latents")} for e in m["segments"]]
+    if getattr(args, "latents", False) and kind == "mp4":
+        paths, entries = _checked_sidecars(sid, stream_dir, m)
+        kind, what = "latents", "latent sidecars"
+    else:
+        what = f"{kind} segments"
     suffix = SUFFIXES[kind]
     if Path(args.file).suffix.lower() != suffix:
-        raise UsageError(f"stream {sid} has {kind} segments: output file must end in {suffix}: {args.file}")
+        raise UsageError(f"stream {sid} has {what}: output file must end in {suffix}: {args.file}")
     path = check_output_path(args.file, suffix=suffix)
     fpc = _check_latent_segments(sid, paths, first, last) if kind == "latents" else 0
-    _verify_segments(sid, spec.stream_dir(sid), m)
+    _verify_segments(sid, stream_dir, entries)
     if kind == "mp4":
-        with Mp4Writer(path, fps=m["fps"]) as w:
-            for p in paths:
-                w.write(read_mp4(p))
-        print(f"wrote {path}: {w.frames_written} frames of {sid} (chunks {first}..{last})")
+        try:
+            n = remux_mp4(paths, path)
+        except ParamsDiffer as e:  # segments from before an encoding change: decode and re-encode
+            print(f"warning: stream {sid}: {e}: cannot join without re-encoding; re-encoding (lossy)", file=sys.stderr)
+            with Mp4Writer(path, fps=m["fps"]) as w:
+                for p in paths:
+                    w.write(read_mp4(p))
+            n = w.frames_written
+        print(f"wrote {path}: {n} frames of {sid} (chunks {first}..{last})")
         return 0
     meta = {"stream_id": sid, "first_chunk": str(first), "last_chunk": str(last), "frames_per_chunk": str(fpc)}
     shape = join_latent_segments(paths, path, meta)

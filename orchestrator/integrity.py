@@ -1,6 +1,7 @@
 """Segment integrity: does every segment a manifest lists still hold the bytes committed for it?
 
-Each manifest entry carries the committed file's ``sha256`` and ``bytes`` (workers.output). A file
+Each manifest entry carries the committed file's ``sha256`` and ``bytes`` (workers.output), and a
+latent sidecar's ``latents_sha256`` / ``latents_bytes`` where it lists one (``latents``). A file
 can still go bad afterwards: a disk or copy that flips bits, a truncating restore, a hand edit.
 ``longroll export`` verifies every segment it joins, so a damaged one is refused instead of being
 joined into a video that plays with a glitch; :func:`check_resumable` lets ``longroll resume``
@@ -20,10 +21,18 @@ from workers.output import read_manifest
 
 
 def verify_segment(stream_dir: str | os.PathLike, entry: dict) -> str | None:
-    """What is wrong with one manifest segment entry's file (None when it matches or is unverified)."""
-    name = str(entry.get("file"))
+    """What is wrong with one manifest segment entry's file and its latent sidecar, if it lists one
+    (``latents`` with ``latents_sha256`` / ``latents_bytes``); None when they match or are unverified."""
+    problems = [_verify_file(stream_dir, str(entry.get("file")), entry.get("bytes"), entry.get("sha256"))]
+    if "latents" in entry:
+        problems.append(
+            _verify_file(stream_dir, str(entry["latents"]), entry.get("latents_bytes"), entry.get("latents_sha256"))
+        )
+    return "; ".join(p for p in problems if p is not None) or None
+
+
+def _verify_file(stream_dir: str | os.PathLike, name: str, want_bytes, want_sha) -> str | None:
     path = Path(stream_dir) / name
-    want_bytes, want_sha = entry.get("bytes"), entry.get("sha256")
     try:
         size = path.stat().st_size
         if want_bytes is not None and size != want_bytes:  # cheap, and spares hashing a truncated file

@@ -9,12 +9,18 @@ are held in memory (a segment is at most ``segment_chunks`` chunks) and the file
 :meth:`LatentSegmentWriter.to_bytes` gives the file's bytes for a caller that commits (and hashes)
 them itself. :func:`join_latent_segments` writes the export of many segments while holding one
 segment at a time, and commits it the same durable way.
+
+The same file format serves as the *latent sidecar* of a decoded (mp4) stream that keeps its
+latents (workers.output, ``keep_latents``): ``DIR/streams/<id>/latents/<first:08d>-<last:08d>.safetensors``
+beside ``segments/<first:08d>-<last:08d>.mp4``. :func:`read_latents` returns a chunk range's latent
+frames from either kind of file (a resumed stream re-decodes its last few latent frames from them).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -27,6 +33,8 @@ from safetensors.torch import save as st_save
 from workers.durable import commit_file, temp_path, write_atomic
 
 TENSOR = "latents"  # the one tensor of a latent segment (and of an export)
+SIDECAR_DIR = "latents"  # a decoded stream's latent sidecars, beside its "segments" directory
+LATENT_FILE_RE = re.compile(r"^(\d{8})-(\d{8})\.safetensors$")
 
 
 class LatentSegmentWriter:
@@ -153,3 +161,44 @@ def join_latent_segments(paths: list[Path], out: str | os.PathLike, metadata: di
         raise
     commit_file(tmp, out)  # removes tmp itself if the commit fails
     return shape
+
+
+def latent_files(stream_dir: str | os.PathLike) -> list[tuple[int, int, Path]]:
+    """(first, last, path) of a stream's committed latent files: sidecars and latent-only segments."""
+    found = []
+    for sub in (SIDECAR_DIR, "segments"):
+        d = Path(stream_dir) / sub
+        if d.is_dir():
+            found += [(int(m[1]), int(m[2]), d / m[0]) for p in d.iterdir() if (m := LATENT_FILE_RE.match(p.name))]
+    return sorted(found)
+
+
+def read_latents(stream_dir: str | os.PathLike, first_chunk: int, last_chunk: int) -> torch.Tensor:
+    """The ``[F, C, H, W]`` float32 latent frames of chunks ``first_chunk..last_chunk`` of one stream.
+
+    Read from the stream's latent sidecars (``latents/``) or latent-only segments (``segments/``),
+    as many files as the range spans, each only for the frames inside the range.
+
+    Raises:
+        ValueError: the range is empty or a chunk of it is in no latent file (or a file is not one).
+    """
+    if not 0 <= first_chunk <= last_chunk:
+        raise ValueError(f"bad chunk range {first_chunk}..{last_chunk}")
+    parts, chw, nxt = [], None, first_chunk
+    for first, last, path in latent_files(stream_dir):
+        if last < nxt or first > nxt:
+            continue  # ends before the next chunk wanted, or starts past it (a gap: reported below)
+        info = read_segment_info(path)
+        if (info.first_chunk, info.last_chunk) != (first, last):
+            raise ValueError(
+                f"{path}: holds chunks {info.first_chunk}..{info.last_chunk}, its name says {first}..{last}"
+            )
+        if chw is not None and info.shape[1:] != chw:
+            raise ValueError(f"{path}: latents {info.shape[1:]} differ from the range's {chw}")
+        chw, fpc, end = info.shape[1:], info.frames_per_chunk, min(last, last_chunk)
+        with safe_open(str(path), framework="pt") as f:
+            parts.append(f.get_slice(TENSOR)[(nxt - first) * fpc : (end - first + 1) * fpc])
+        nxt = end + 1
+        if nxt > last_chunk:
+            return torch.cat(parts)
+    raise ValueError(f"{stream_dir}: no latent file holds chunk {nxt} (range {first_chunk}..{last_chunk})")
