@@ -424,8 +424,9 @@ class OrchestratorImpl:
         return [w for w in self.workers.values() if w.info is not None]
 
     def _has_capacity(self, w: _Worker) -> bool:
-        cap = self.run.streams_per_worker
-        return cap is None or len(w.streams) < cap
+        """Room for one more stream: the run's --streams-per-worker and what the worker's memory holds."""
+        caps = [self.run.streams_per_worker, w.info.capacity if w.info is not None else None]
+        return all(cap is None or len(w.streams) < cap for cap in caps)
 
     # ---- streams -----------------------------------------------------------------------------
     def _assign_pending(self) -> None:
@@ -436,6 +437,11 @@ class OrchestratorImpl:
         starting = any(w.info is None for w in self.workers.values())
         if not self._started and starting and time.monotonic() < self._startup_until:
             return  # first assignment: wait for every worker, so no stream has to move right away
+        ready = self._live()
+        if ready and not starting and all(w.info.capacity == 0 for w in ready):
+            self._fail(f"no worker's memory holds a stream (devices: {sorted({w.info.device for w in ready})}); "
+                       "`longroll plan` sizes one")  # fmt: skip
+            return
         calls = []
         for sid in pending:
             live = [w for w in self._live() if self._has_capacity(w)]

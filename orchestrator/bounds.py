@@ -157,6 +157,7 @@ RUN_FLAGS = {
     "upscale": UPSCALE,
     "dashboard_port": DASHBOARD_PORT,
     "stall_timeout": STALL_TIMEOUT,
+    "decode_actors": Range(0, 64, "VAE decode actors per worker, each with its own VAE (and GPU where there are GPUs)"),
 }
 GENERATE_FLAGS = {
     "frames": Range(1, INT64_MAX, "frame counts are int64"),  # then: the chunks they need, see MAX_CHUNKS

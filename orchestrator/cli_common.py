@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from orchestrator import bounds
@@ -240,6 +240,12 @@ def add_world_options(p: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--text-encoder", default=None, help="folder with text_encoder/ and tokenizer/ (umT5) if the weights have none"
     )
+    w.add_argument(
+        "--vae",
+        default=None,
+        help="Wan2.1 VAE (a diffusers vae/ or pipeline folder, or Wan2.1_VAE.pth): streams decode to video "
+        "(a pipeline folder given to --weights brings its own)",
+    )
 
 
 @dataclass(frozen=True)
@@ -313,7 +319,7 @@ def wan_source(args: argparse.Namespace, cfg: ModelConfig) -> tuple[ModelConfig,
         raise UsageError("--base and --lora need --weights")
     source = ModelSource(
         weights=weights, base=args.base, lora=args.lora, ema=not args.no_ema,
-        prompt_embeds=args.prompt_embeds, text_encoder=args.text_encoder,
+        prompt_embeds=args.prompt_embeds, text_encoder=args.text_encoder, vae=args.vae,
     )  # fmt: skip
     parts = None
     if weights is not None:
@@ -328,6 +334,11 @@ def wan_source(args: argparse.Namespace, cfg: ModelConfig) -> tuple[ModelConfig,
             raise UsageError(f"--weights {weights}: {e}") from None
         except ValueError as e:
             raise UsageError(f"--weights {weights}: {e}") from None
+    pipeline_vae = parts.vae if parts is not None and parts.kind == "diffusers-pipeline" else None
+    if source.vae is None and pipeline_vae and (Path(pipeline_vae) / "config.json").is_file():
+        source = replace(source, vae=pipeline_vae)  # the pipeline's own VAE comes along
+    if source.vae is not None:
+        check_vae(source.vae, cfg)
     if source.prompt_embeds is not None:
         from workers.models.wan.text import TextError, load_prompt_embeds
 
@@ -336,8 +347,6 @@ def wan_source(args: argparse.Namespace, cfg: ModelConfig) -> tuple[ModelConfig,
         except TextError as e:
             raise UsageError(str(e)) from None
     elif source.text_encoder is not None:
-        from pathlib import Path
-
         root = Path(source.text_encoder)
         if not (root / "text_encoder").is_dir() or not (root / "tokenizer").is_dir():
             raise UsageError(f"--text-encoder {root} needs text_encoder/ and tokenizer/ folders (a diffusers pipeline)")
@@ -346,6 +355,19 @@ def wan_source(args: argparse.Namespace, cfg: ModelConfig) -> tuple[ModelConfig,
             f"no umT5 text encoder beside {weights}: pass --prompt-embeds FILE.safetensors or --text-encoder DIR"
         )
     return cfg, source
+
+
+def check_vae(path: str, cfg: ModelConfig) -> None:
+    """The VAE loads and its latents are the transformer's (channels). Raises UsageError."""
+    from workers.models.wan.vae import load_vae
+
+    try:
+        vae = load_vae(path, device="meta")
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--vae {path}: {e}") from None
+    z = vae.config.z_dim
+    if z != cfg.latent_channels:
+        raise UsageError(f"--vae {path}: its latents have {z} channels, the transformer's have {cfg.latent_channels}")
 
 
 def cfg_transformer_config(cfg: ModelConfig) -> dict:

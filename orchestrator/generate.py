@@ -83,7 +83,10 @@ def register(sub) -> None:
     )
     g.add_argument("--seed", type=int, default=0, help="stream seed: chunk i's noise depends on (seed, i)")
     g.add_argument("--prompt", default="", help="the text prompt (tiny: hashed into its conditioning vector)")
-    g.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscale of the written video")
+    g.add_argument(
+        "--upscale", type=int, default=4, help="world model: nearest-neighbour upscale of the written video (Wan: 1)"
+    )
+    g.add_argument("--lossless", action="store_true", help="mp4 in lossless RGB (libx264rgb qp 0): exact frames")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -180,7 +183,7 @@ def run_generate(args) -> dict:
     trace_out = check_tensor_path(args.trace, "--trace")
     if args.out is None and latents_out is None:
         raise UsageError("give --out FILE.mp4, --latents-out FILE.safetensors or both")
-    if not cfg.can_decode and args.out is not None:
+    if not cfg.can_decode and cfg.family != "wan" and args.out is not None:
         raise UsageError(
             f"preset {cfg.name!r} makes latents and no VAE decoder is available here: "
             "write them with --latents-out FILE.safetensors (without --out)"
@@ -193,6 +196,11 @@ def run_generate(args) -> dict:
         cfg, source = wan_source(args, cfg)
         spec = StreamSpec("generate", seed=args.seed, prompt=args.prompt)
         weights_name = source.weights or "random"
+        if out is not None and source.vae is None:
+            raise UsageError(
+                "a video (--out) of a wan preset needs the Wan2.1 VAE: pass --vae DIR|FILE (or a pipeline folder "
+                "with vae/ to --weights), or write latents with --latents-out FILE.safetensors"
+            )
     else:
         world = world_choice(args, cfg)
         spec = StreamSpec("generate", seed=args.seed, prompt=args.prompt, **world.spec_fields(args.seed))
@@ -205,7 +213,11 @@ def run_generate(args) -> dict:
         check_upscaled_frame(cfg, args.upscale)
     fpc = cfg.frames_per_chunk
     if args.chunks is not None:
-        frames = args.chunks * fpc * (cfg.vae_stride[0] if out is not None else 1)
+        frames = args.chunks * fpc
+        if out is not None and source.vae is not None:  # the causal VAE: 1 frame, then 4 per latent frame
+            frames = 1 + cfg.vae_stride[0] * (frames - 1)
+        elif out is not None:
+            frames *= cfg.vae_stride[0]
     else:
         frames = args.frames
     # latent frames to generate: a decoded video needs its frames; a latents file holds whole chunks
@@ -228,7 +240,12 @@ def run_generate(args) -> dict:
     done = 0
     try:
         with contextlib.ExitStack() as stack:
-            writer = stack.enter_context(Mp4Writer(out, fps=cfg.fps, upscale=args.upscale)) if out else None
+            upscale = args.upscale if cfg.family != "wan" else 1  # Wan video is written at the VAE's size
+            writer = (
+                stack.enter_context(Mp4Writer(out, fps=cfg.fps, upscale=upscale, lossless=args.lossless))
+                if out
+                else None
+            )
             bar = stack.enter_context(
                 tqdm(total=frames, unit="frame", desc="generate", disable=args.quiet or not sys.stderr.isatty())
             )

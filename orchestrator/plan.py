@@ -48,6 +48,19 @@ def parse_bytes(text: str) -> int:
 UMT5_XXL_PARAMS = 5_680_910_336  # the umT5-XXL encoder's parameters (workers.models.wan.text.umt5_xxl_config)
 
 
+def vae_sizes(cfg: ModelConfig) -> tuple[int, int]:
+    """(Wan2.1 VAE weights bytes, one stream's decoder feature cache bytes at cfg's pixel size), in cfg's dtype.
+
+    Both from the meta device: nothing is allocated (workers.models.wan.vae.decoder_cache_bytes).
+    """
+    from workers.models.wan.vae import _meta_vae, decoder_cache_bytes, wan21_vae_config
+
+    dtype = TORCH_DTYPES[cfg.dtype]
+    params = sum(p.numel() for p in _meta_vae(wan21_vae_config()).parameters())
+    h, w = cfg.latent_height * cfg.vae_stride[1], cfg.latent_width * cfg.vae_stride[2]
+    return params * dtype.itemsize, decoder_cache_bytes(wan21_vae_config(), h, w, dtype)
+
+
 def count_params(cfg: ModelConfig) -> int:
     with torch.device("meta"):
         if cfg.family == "wan":
@@ -102,6 +115,9 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
     text_encoder = UMT5_XXL_PARAMS * elem if cfg.family == "wan" else 0
     usable = gpu_mem * (1 - RESERVED_FRACTION) - weights - text_encoder
     streams = max(0, math.floor(usable / (cache_stream + activations)))
+    # wan with --vae: the VAE beside the model, and each stream's decoder cache (rebuilt, never checkpointed)
+    vae_weights, vae_cache = vae_sizes(cfg) if cfg.family == "wan" else (0, 0)
+    video_streams = max(0, math.floor((usable - vae_weights) / (cache_stream + activations + vae_cache)))
     video_fps = cfg.fps  # real time
     latent_fps = video_fps / cfg.vae_stride[0]
     chunks_per_hour = latent_fps * 3600 / cfg.frames_per_chunk
@@ -134,6 +150,9 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
         "activation_bytes_per_stream": activations,
         "gpu_mem_bytes": gpu_mem,
         "streams_per_gpu": streams,
+        "vae_weights_bytes": vae_weights,
+        "decoder_cache_bytes_per_stream": vae_cache,
+        "video_streams_per_gpu": video_streams if cfg.family == "wan" else streams,
         "mha_streams_per_gpu": max(0, math.floor(usable / (mha.capacity_bytes() + text_kv + activations))),
         "store_bytes_per_stream_hour": store_hour,
         "hours": hours,
@@ -177,6 +196,18 @@ def format_plan(p: dict) -> str:
         (
             "streams per GPU",
             f"{p['streams_per_gpu']}  (MHA: {p['mha_streams_per_gpu']}) on {human(p['gpu_mem_bytes'])}",
+        ),
+        *(
+            [
+                (
+                    "VAE decode (--vae): per stream",
+                    f"{human(p['decoder_cache_bytes_per_stream'])} decoder cache (rebuilt on resume, not saved); "
+                    f"VAE {human(p['vae_weights_bytes'])}",
+                ),
+                ("streams per GPU with video", str(p["video_streams_per_gpu"])),
+            ]
+            if p["decoder_cache_bytes_per_stream"]
+            else []
         ),
         ("memory store per stream-hour", human(p["store_bytes_per_stream_hour"])),
         (

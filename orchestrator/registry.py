@@ -54,6 +54,8 @@ class RunSpec:
     weights: str | None = None  # "shipped", "random"/None or a safetensors path
     model_source: dict | None = None  # wan family: ModelSource.to_dict() (weights, base, lora, prompt embeds)
     upscale: int = 4
+    lossless: bool = False  # mp4 segments in lossless RGB (libx264rgb qp 0)
+    decode_actors: int = 0  # wan + VAE: decode in this many Ray actors per worker (0: in the worker)
     checkpoint_uri: str | None = None
     memory_uri: str | None = None  # default DIR/memory
     stub: bool = False
@@ -91,6 +93,8 @@ class RunSpec:
             keep_checkpoints=self.keep_checkpoints,
             keep_segments=self.keep_segments,
             upscale=self.upscale,
+            lossless=self.lossless,
+            decode_actors=self.decode_actors,
             checkpoint_uri=self.checkpoint_uri,
             memory_uri=None if self.stub else (self.memory_uri or str(Path(self.out_dir) / "memory")),
             stub=self.stub,

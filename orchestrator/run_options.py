@@ -61,7 +61,17 @@ def add_run_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     p.add_argument("--out", default="out/run", help="output directory (default out/run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first stream of --streams")
     p.add_argument("--prompt", default="", help="prompt of every --streams stream")
-    p.add_argument("--upscale", type=int, default=4, help="nearest-neighbour upscale of the written video")
+    p.add_argument(
+        "--upscale", type=int, default=4, help="world model: nearest-neighbour upscale of the written video (Wan: 1)"
+    )
+    p.add_argument("--lossless", action="store_true", help="mp4 in lossless RGB (libx264rgb qp 0): exact frames")
+    p.add_argument(
+        "--decode-actors",
+        type=int,
+        default=0,
+        metavar="N",
+        help="wan --vae: decode video in N Ray actors per worker, beside generation (default 0: in the worker)",
+    )
     p.add_argument("--checkpoint-uri", default=None, help="pyarrow.fs URI or path of checkpoints (default DIR/streams)")
     p.add_argument("--memory-uri", default=None, help="LanceDB URI of the memory store (default DIR/memory)")
     dash = p.add_mutually_exclusive_group()
@@ -275,11 +285,15 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
     if args.checkpoint_every % seg:
         raise UsageError(f"--segment-chunks {seg} must divide --checkpoint-every {args.checkpoint_every}")
     source = None
-    if cfg.family == "wan":  # streams write latent segments (no VAE decoder yet)
+    if cfg.family == "wan":  # with a VAE: mp4 segments + latent sidecars; without: latent segments
         cfg, source = wan_source(args, cfg)
         world = WorldChoice(source.weights or "random", "", (), None)
+        if source.vae is not None and args.group_size > 1:
+            raise UsageError("--vae: generator groups (--group-size > 1) do not decode video yet; use --group-size 1")
     else:
         world = world_choice(args, cfg)
+    if args.decode_actors and (source is None or source.vae is None):
+        raise UsageError("--decode-actors needs a wan preset with a VAE (--vae, or a pipeline folder as --weights)")
     check_upscaled_frame(cfg, args.upscale)
     streams = build_streams(args, world)
     _check_stream_memory(args, cfg, streams, seg)
@@ -300,7 +314,9 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
         group_size=args.group_size,
         weights=world.weights,
         model_source=source.to_dict() if source is not None else None,
-        upscale=args.upscale,
+        upscale=args.upscale if cfg.family != "wan" else 1,  # Wan video is written at the VAE's size
+        lossless=args.lossless,
+        decode_actors=args.decode_actors,
         checkpoint_uri=args.checkpoint_uri,
         memory_uri=args.memory_uri,
         stub=args.stub,

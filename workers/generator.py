@@ -57,6 +57,7 @@ class Generator:
         memory: MemorySearch | None = None,
         embedder: ChunkEmbedder | None = None,
         source: ModelSource | None = None,
+        decode_video: bool = True,
     ):
         """
         Args:
@@ -68,6 +69,7 @@ class Generator:
             embedder: computes each chunk's retrieval embedding (``Chunk.embedding``); required
                 with ``memory``.
             source: all weights options of the family (replaces ``weights`` when given).
+            decode_video: with ``source.vae``, decode each chunk here (False: a decode pool does it).
         Raises:
             ValueError: retrieval without a memory source or embedder.
         """
@@ -86,6 +88,14 @@ class Generator:
         self.family = build_family(cfg, self.device, self.dtype, source or ModelSource(weights=weights), mla_form)
         self.model = getattr(self.family, "model", None)  # the family's nn.Module
         self.weights_sha = self.family.weights_sha
+        self.pixels = None  # StreamPixels: the VAE decoder of a Wan-family run that writes video
+        if source is not None and source.vae is not None:
+            from workers.pixels import StreamPixels, vae_digest
+
+            if decode_video:  # else a decode pool (workers.decode_pool) decodes this generator's latents
+                self.pixels = StreamPixels(source.vae, self.device, self.dtype)
+            # a stream's video depends on the VAE too: its checkpoints are bound to it
+            self.weights_sha = f"{self.weights_sha or 'random'}-vae{vae_digest(source.vae)}"
         self.trace: dict[str, torch.Tensor] | None = None  # set to {} to record every step (see record_trace)
         self.rope = Rope3D(cfg.rope_width, cfg.rope_theta)
         self.policy = cfg.position_policy()
@@ -109,6 +119,8 @@ class Generator:
         self._memory_rows.pop(stream_id, None)
         self.retrieval_ms.pop(stream_id, None)
         self.family.forget(stream_id)
+        if self.pixels is not None:
+            self.pixels.forget(stream_id)
         for key in [k for k in self._prefetched if k[0] == stream_id]:
             self._prefetched.pop(key).cancel()
 
@@ -285,7 +297,10 @@ class Generator:
         chunks = []
         for i, s in enumerate(states):
             lat = x[i].float().cpu()
-            frames = self.decode(lat) if self.can_decode else torch.empty(0, dtype=torch.uint8)
+            if self.pixels is not None:
+                frames = self.pixels.decode(s, lat)
+            else:
+                frames = self.decode(lat) if self.can_decode else torch.empty(0, dtype=torch.uint8)
             emb, query = self._embed(s, lat)
             chunks.append(Chunk(s.stream_id, s.next_chunk, s.next_chunk * f, lat, frames, emb, s.memory_chunks))
             s.next_chunk += 1
@@ -328,7 +343,8 @@ class Generator:
 
     @property
     def can_decode(self) -> bool:
-        return self.cfg.can_decode
+        """Chunks carry video frames: the tiny preset's latents are pixels; a Wan run decodes with its VAE."""
+        return self.cfg.can_decode or self.pixels is not None
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [F, C, H, W] -> uint8 frames [F, H, W, 3].

@@ -19,6 +19,8 @@ class WorkerSettings:
     keep_segments: int | None = None  # newest segments kept per stream (None: all)
     upscale: int = 4  # nearest-neighbour upscale of written frames
     crf: int = 0  # x264 CRF; 0 = lossless, so a regenerated segment decodes to the same frames
+    decode_actors: int = 0  # >0: VAE decoding in that many Ray actors per worker (workers.decode_pool)
+    lossless: bool = False  # RGB losslessly (libx264rgb qp 0): decoded frames equal the generator's uint8 frames
     checkpoint_uri: str | None = None  # pyarrow.fs URI or path of the checkpoint root (default out_dir/streams)
     memory_uri: str | None = None  # LanceDB URI of the memory store (None: chunks are not stored)
     threads: int = 1  # torch CPU threads of the worker
@@ -83,6 +85,7 @@ class WorkerInfo:
     node_id: str
     device: str
     stream_ids: tuple[str, ...] = field(default=())
+    capacity: int | None = None  # streams its free memory holds (workers.budget); None: not limited
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import ray
 import structlog
 
 from workers.checkpoints import CheckpointStore
 from workers.messages import Assigned, StreamAssignment, StreamHandoff
-from workers.output import StreamOutput
 from workers.state import StreamState
 
 log = structlog.get_logger(__name__)
@@ -40,6 +38,9 @@ class StreamMigration:
         Raises before dropping anything if a state cannot be serialised (the stream stays here).
         """
         out = []
+        for sid in stream_ids:  # a chunk still decoding in the pool is written first
+            if sid in self.streams:
+                self._flush(self.streams[sid])
         blobs = {sid: self._stream_bytes(self.streams[sid]) for sid in stream_ids if sid in self.streams}
         if self.memory is not None:
             self.memory.flush()  # the destination's reads of this stream's history see every chunk
@@ -47,6 +48,8 @@ class StreamMigration:
             h = self.streams.pop(sid)
             if hasattr(self.gen, "forget"):
                 self.gen.forget(sid)
+            if self.pool is not None:
+                self.pool.forget(sid)
             if h.output is not None:
                 h.output.close_segment()
                 h.output.write_manifest("pending", h.last_checkpoint)
@@ -77,8 +80,9 @@ class StreamMigration:
                 continue
             if self.memory is not None and self.cfg.memory == "retrieval":
                 self.memory.open_stream(sid)
-            o = StreamOutput(Path(self.s.out_dir) / "streams" / sid, sid, self.cfg.fps, self.s.segment_chunks,
-                             a.target_chunks, self.s.keep_segments, self.s.upscale, self.s.crf)  # fmt: skip
+            o = self._output(sid, a.target_chunks)
+            if self.pool is not None:
+                self.pool.open(sid)
             o.start_at(state.next_chunk)
             store = CheckpointStore(self.ckpt_root, sid, keep=self.s.keep_checkpoints)
             self.streams[sid] = _Held(a, state, o, store, hd.last_checkpoint)

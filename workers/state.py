@@ -36,6 +36,7 @@ class StreamState:
     frames_per_chunk: int = 1
     memory_query: torch.Tensor | None = None  # [E] embedding of the newest chunk: the next retrieval's query
     memory_chunks: tuple[int, ...] = ()  # chunk indices whose rows fill the memory slots now
+    recent_latents: torch.Tensor | None = None  # [<=K, C, h, w] float32: the last latent frames (VAE decode resume)
 
     @property
     def stream_id(self) -> str:
@@ -51,6 +52,8 @@ class StreamState:
         tensors = {"cond": self.cond.detach().cpu().contiguous(), **self.cache.state_tensors()}
         if self.memory_query is not None:
             tensors["memory_query"] = self.memory_query.detach().cpu().contiguous()
+        if self.recent_latents is not None:
+            tensors["recent_latents"] = self.recent_latents.detach().float().cpu().contiguous()
         payload = st_save(tensors)
         meta = {
             "format": FORMAT_VERSION,
@@ -81,6 +84,7 @@ class StreamState:
             frames_per_chunk=int(meta["frames_per_chunk"]),
             memory_query=tensors.get("memory_query"),
             memory_chunks=tuple(int(c) for c in meta.get("memory_chunks", [])),
+            recent_latents=tensors.get("recent_latents"),
         )
 
     def save(self, directory: str | os.PathLike) -> Path:

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -70,6 +70,7 @@ class _Held:
     checkpoints: CheckpointStore | None
     last_checkpoint: int | None
     preview_at: float = 0.0  # time.monotonic() of the last preview sent
+    pending: tuple | None = None  # (chunk, ObjectRef of its frames): decoded by the pool, written next step
 
 
 class GeneratorWorkerImpl(StreamMigration):
@@ -97,6 +98,17 @@ class GeneratorWorkerImpl(StreamMigration):
             embedder = default_embedder(self.cfg) if self.memory is not None else None
             self.gen = self._make_generator(retriever, embedder)
         self.streams: dict[str, _Held] = {}
+        self.pool = None  # DecodePool: the Wan VAE decoding in Ray actors (--decode-actors)
+        source = settings.model_source or {}
+        if settings.decode_actors and source.get("vae") and not settings.stub:
+            from workers.decode_pool import DecodePool
+
+            self.pool = DecodePool(settings.decode_actors, source["vae"], self.device == "cuda")
+        self.capacity = None  # streams this worker's memory holds, measured once the model is loaded
+        if not settings.stub:
+            from workers.budget import capacity
+
+            self.capacity = capacity(self.cfg, getattr(self.gen, "pixels", None) is not None, self.device)
         self.ckpt_root = settings.checkpoint_uri or str(Path(settings.out_dir) / "streams")
         log.info("worker.start", worker_id=worker_id, pid=os.getpid(), device=self.device)
 
@@ -111,12 +123,13 @@ class GeneratorWorkerImpl(StreamMigration):
             from workers.weights import resolve
 
             source = ModelSource(weights=resolve(self.s.weights, self.cfg))
-        return Generator(self.cfg, device=self.device, memory=retriever, embedder=embedder, source=source)
+        return Generator(self.cfg, device=self.device, memory=retriever, embedder=embedder, source=source,
+                         decode_video=self.s.decode_actors == 0)  # fmt: skip
 
     # ---- queries -----------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        return WorkerInfo(self.worker_id, os.getpid(), node_id, self.device, tuple(self.streams))
+        return WorkerInfo(self.worker_id, os.getpid(), node_id, self.device, tuple(self.streams), self.capacity)
 
     def _progress(self, h: _Held, state: str = "running", chunk: Chunk | None = None) -> StreamProgress:
         done = h.output.chunks_done if h.output is not None else h.state.next_chunk
@@ -152,6 +165,11 @@ class GeneratorWorkerImpl(StreamMigration):
         if sid in self.streams:
             h = self.streams[sid]
             return Assigned(sid, h.state.next_chunk, h.last_checkpoint)
+        if self.capacity is not None and len(self.streams) >= self.capacity:
+            raise ValueError(
+                f"worker {self.worker_id} holds {len(self.streams)} streams, all its memory budget on {self.device} "
+                f"allows (`longroll plan` sizes a stream)"
+            )
         if self.s.stub or not self.s.write_output:
             self.streams[sid] = _Held(a, self.gen.new_stream(a.spec), None, None, None)
             return Assigned(sid, 0, None)
@@ -164,16 +182,7 @@ class GeneratorWorkerImpl(StreamMigration):
             self.gen.check_state(state)
         else:
             state, ckpt = self.gen.new_stream(a.spec), None
-        out = StreamOutput(
-            Path(self.s.out_dir) / "streams" / sid,
-            sid,
-            self.cfg.fps,
-            self.s.segment_chunks,
-            a.target_chunks,
-            self.s.keep_segments,
-            self.s.upscale,
-            self.s.crf,
-        )
+        out = self._output(sid, a.target_chunks)
         out.start_at(state.next_chunk)
         if a.target_chunks is not None and state.next_chunk >= a.target_chunks:
             # its final checkpoint was saved but the manifest not yet marked done (a crash in between):
@@ -186,10 +195,19 @@ class GeneratorWorkerImpl(StreamMigration):
             version = loaded.extra.get("memory_table_version") if loaded is not None else None
             self.memory.open_stream(sid, version=version if version and version > 0 else None)
         h = _Held(a, state, out, store, ckpt)
+        if self.pool is not None:
+            self.pool.open(sid)
         self.streams[sid] = h
         out.write_manifest("running", ckpt, {"worker": self.worker_id})
         bound.info("stream.assigned", chunk_index=state.next_chunk, checkpoint=ckpt, skipped=list(skipped))
         return Assigned(sid, state.next_chunk, ckpt, skipped)
+
+    def _output(self, sid: str, target_chunks: int | None) -> StreamOutput:
+        """The stream's segments: mp4, plus latent sidecars when a VAE decodes them (any range re-decodable)."""
+        decodes = getattr(self.gen, "pixels", None) is not None or self.pool is not None
+        return StreamOutput(Path(self.s.out_dir) / "streams" / sid, sid, self.cfg.fps, self.s.segment_chunks,
+                            target_chunks, self.s.keep_segments, self.s.upscale, self.s.crf, keep_latents=decodes,
+                            lossless=self.s.lossless)  # fmt: skip
 
     def _checkpoint(self, h: _Held) -> None:
         extra = {}
@@ -209,6 +227,9 @@ class GeneratorWorkerImpl(StreamMigration):
                 continue
             if hasattr(self.gen, "forget"):
                 self.gen.forget(sid)
+            self._flush(h)
+            if self.pool is not None:
+                self.pool.forget(sid)
             if h.output is not None:
                 h.output.close_segment()
                 if h.last_checkpoint != h.state.next_chunk:
@@ -225,31 +246,54 @@ class GeneratorWorkerImpl(StreamMigration):
         if not held:
             return StepReport(self.worker_id, (), 0, 0, 0.0)
         chunks = self.gen.step([h.state for h in held])
-        progress, frames, n_ckpt = [], 0, 0
-        for h, chunk in zip(held, chunks):
-            frames += chunk.num_frames
-            end = chunk.chunk_index + 1
-            target = h.assignment.target_chunks
-            finished = target is not None and end >= target
-            if self.memory is not None:
-                self._store_chunk(chunk)
-            if h.output is not None:
-                closed = h.output.write(chunk)
-                if closed and (end % self.s.checkpoint_every == 0 or finished):
-                    self._checkpoint(h)
-                    n_ckpt += 1
-                    if finished:
-                        failpoint("after-final-checkpoint")
-                    h.output.write_manifest(
-                        "done" if finished else "running", h.last_checkpoint, {"worker": self.worker_id}
-                    )
-                elif closed:
-                    h.output.write_manifest("running", h.last_checkpoint, {"worker": self.worker_id})
-            if finished:
-                del self.streams[chunk.stream_id]
-                log.info("stream.done", stream_id=chunk.stream_id, chunk_index=chunk.chunk_index)
-            progress.append(self._progress(h, "done" if finished else "running", chunk))
-        return StepReport(self.worker_id, tuple(progress), len(chunks), frames, time.perf_counter() - t0, n_ckpt)
+        if self.pool is None:
+            done = [self._commit(h, chunk) for h, chunk in zip(held, chunks)]
+        else:  # decode in the pool: this step's chunks decode while the next step generates
+            refs = [self.pool.submit(h.state, c.latents, c.chunk_index) for h, c in zip(held, chunks)]
+            done = [self._flush(h) for h in held if h.pending is not None]  # the previous step's, decoded meanwhile
+            for h, chunk, ref in zip(held, chunks, refs):
+                end, target = chunk.chunk_index + 1, h.assignment.target_chunks
+                if end % self.s.segment_chunks == 0 or (target is not None and end >= target):
+                    done.append(self._commit(h, replace(chunk, frames=ray.get(ref))))  # closes a segment: now
+                else:
+                    h.pending = (chunk, ref)
+        progress = tuple(p for p, _ in done)
+        frames = sum(p.frames for p in progress)
+        return StepReport(self.worker_id, progress, len(chunks), frames, time.perf_counter() - t0,
+                          sum(n for _, n in done))  # fmt: skip
+
+    def _flush(self, h: _Held) -> tuple[StreamProgress, int] | None:
+        """Write the chunk whose frames the decode pool was still making (before anything else of the stream)."""
+        if h.pending is None:
+            return None
+        chunk, ref = h.pending
+        h.pending = None
+        return self._commit(h, replace(chunk, frames=ray.get(ref)))
+
+    def _commit(self, h: _Held, chunk: Chunk) -> tuple[StreamProgress, int]:
+        """A generated (and decoded) chunk: memory row, segment, checkpoint and manifest at boundaries."""
+        n_ckpt = 0
+        end = chunk.chunk_index + 1
+        target = h.assignment.target_chunks
+        finished = target is not None and end >= target
+        if self.memory is not None:
+            self._store_chunk(chunk)
+        if h.output is not None:
+            closed = h.output.write(chunk)
+            if closed and (end % self.s.checkpoint_every == 0 or finished):
+                self._checkpoint(h)
+                n_ckpt += 1
+                if finished:
+                    failpoint("after-final-checkpoint")
+                h.output.write_manifest(
+                    "done" if finished else "running", h.last_checkpoint, {"worker": self.worker_id}
+                )
+            elif closed:
+                h.output.write_manifest("running", h.last_checkpoint, {"worker": self.worker_id})
+        if finished:
+            del self.streams[chunk.stream_id]
+            log.info("stream.done", stream_id=chunk.stream_id, chunk_index=chunk.chunk_index)
+        return self._progress(h, "done" if finished else "running", chunk), n_ckpt
 
     def _store_chunk(self, chunk: Chunk) -> None:
         self.memory.publish(chunk)
@@ -258,6 +302,8 @@ class GeneratorWorkerImpl(StreamMigration):
         for h in self.streams.values():
             if h.output is not None:
                 h.output.abort()
+        if self.pool is not None:
+            self.pool.shutdown()
         if self.memory is not None:
             self.memory.close()
 

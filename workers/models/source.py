@@ -20,6 +20,7 @@ class ModelSource:
     ema: bool = True  # wan: a Self-Forcing .pt's generator_ema (else generator)
     prompt_embeds: str | None = None  # wan: safetensors with `prompt_embeds` [L, text_dim]; skips the encoder
     text_encoder: str | None = None  # wan: folder with text_encoder/ + tokenizer/ when the weights have none
+    vae: str | None = None  # wan: Wan2.1 VAE (diffusers vae/ or pipeline folder, Wan2.1_VAE.pth): decode to video
 
     def to_dict(self) -> dict:
         return asdict(self)
