@@ -63,3 +63,20 @@ def test_a_wan_video_without_a_vae_is_refused(parts, capsys, tmp_path):  # noqa:
     code, _, err = generate(capsys, "--weights", str(parts["diffusers"]), "--prompt-embeds", str(parts["embeds"]),
                             "--chunks", "1", "--out", str(tmp_path / "O.mp4"))  # fmt: skip
     assert code == 2 and "needs the Wan2.1 VAE" in err, err
+
+
+def test_a_pipeline_folder_brings_its_own_vae(parts, vae_dir, capsys, tmp_path):  # noqa: F811
+    import shutil
+
+    pipe = tmp_path / "pipeline"
+    shutil.copytree(parts["pipeline"], pipe)
+    shutil.rmtree(pipe / "vae", ignore_errors=True)
+    shutil.copytree(vae_dir, pipe / "vae")
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    common = ["--prompt-embeds", str(parts["embeds"]), "--chunks", "2", "--lossless"]
+    assert generate(capsys, "--weights", str(pipe), "--out", str(a), *common)[0] == 0
+    separate = ["--weights", str(parts["diffusers"]), "--vae", str(vae_dir)]
+    code, _, err = generate(capsys, *separate, "--out", str(b), *common)
+    assert code == 0, err
+    va, vb = read_mp4(a), read_mp4(b)
+    assert va.shape == (1 + 4 * 5, 64, 64, 3) and (va == vb).all()
