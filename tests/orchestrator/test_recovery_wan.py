@@ -93,7 +93,7 @@ def test_wan_video_run_survives_sigkilled_worker_with_identical_frames(ray_sessi
     args = build_parser().parse_args([
         "run", "--preset", "self-forcing-1.3b", "--weights", weights, "--prompt-embeds", embeds, "--dtype", "fp32",
         "--vae", str(vae), "--lossless", "--streams", "2", "--chunks", str(chunks), "--workers", "2",
-        "--checkpoint-every", "2", "--out", str(out), "--no-dashboard", "--height", "64", "--width", "64",
+        "--checkpoint-every", "2", "--out", str(out), "--no-dashboard", "--height", "32", "--width", "32",
         "--decode-actors", str(decode_actors),
     ])  # fmt: skip
     spec = build_run_spec(args)
