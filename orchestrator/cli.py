@@ -7,6 +7,7 @@ Each subcommand lives in its own module with ``register(subparsers)`` (which set
 
 from __future__ import annotations
 
+import os
 import sys
 
 from orchestrator import convert_weights as convert_weights_cmd
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # stdout closed early (`longroll status | head`): not a failure of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not raise
+        return 0
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -72,7 +72,8 @@ def connect(address: str | None, run: RunSpec, verbose: bool = False) -> None:
             _enable_token_auth()
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=verbose, runtime_env=env)
     else:
-        cpus = max(os.cpu_count() or 1, math.ceil(run.workers * run.worker_cpus))
+        # every rank of a generator group reserves worker_cpus: fewer logical CPUs and groups never start
+        cpus = max(os.cpu_count() or 1, math.ceil(run.workers * run.group_size * run.worker_cpus))
         ray.init(
             address="local",
             num_cpus=cpus,
