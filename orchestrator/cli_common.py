@@ -243,6 +243,7 @@ def add_world_options(p: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--vae",
         default=None,
+        metavar="DIR|FILE",
         help="Wan2.1 VAE (a diffusers vae/ or pipeline folder, or Wan2.1_VAE.pth): streams decode to video "
         "(a pipeline folder given to --weights brings its own)",
     )

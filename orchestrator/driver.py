@@ -166,7 +166,8 @@ def drive(run: RunSpec, lock: RunLock, quiet: bool = False) -> int:
     frames = p.frames
     cfg = ModelConfig.from_dict(run.model)
     layout = cfg.cache_layout()
-    unit = "frames" if cfg.can_decode else "latent frames"  # streams without a decoder write latents
+    decodes = cfg.can_decode or bool((run.model_source or {}).get("vae"))
+    unit = "frames" if decodes else "latent frames"  # streams without a decoder write latents
     print(
         f"{p.state}: {len(p.streams)} streams, {sum(s.next_chunk for s in p.streams)} chunks, "
         f"{frames} {unit} generated in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} {unit}/s), "

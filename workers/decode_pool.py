@@ -17,7 +17,7 @@ import zlib
 import ray
 import torch
 
-from workers.pixels import push_history
+from workers.pixels import push_history, resume_decoder
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -25,23 +25,18 @@ class DecodeActor:
     """Holds the VAE and the feature caches of the streams it decodes."""
 
     def __init__(self, vae_path: str, threads: int = 1):
-        from workers.models.wan.vae import RESUME_LATENT_FRAMES, load_vae
+        from workers.models.wan.vae import load_vae
 
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.vae = load_vae(vae_path, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-        self.keep = RESUME_LATENT_FRAMES
         self.decoders: dict = {}
 
-    def decode(self, stream_id: str, first_frame: int, latents: torch.Tensor, history: torch.Tensor | None):
-        """One chunk's latents [F, C, h, w] -> uint8 frames. ``history`` (the latent frames before it) comes
-        with a stream's first chunk after an assignment: the stream's cache is rebuilt from it."""
-        from workers.models.wan.vae import StreamDecoder
-
-        if history is not None or stream_id not in self.decoders:
-            dec = self.decoders[stream_id] = StreamDecoder(self.vae)
-            if first_frame > 0:
-                dec.warmup(history, starts_stream=first_frame <= self.keep)
+    def decode(self, stream_id: str, first_frame: int, latents: torch.Tensor, restart: bool, history=None):
+        """One chunk's latents [F, C, h, w] -> uint8 frames. ``restart``: the stream's first chunk after an
+        assignment, whose decoder is rebuilt from ``history`` (the latent frames before it)."""
+        if restart or stream_id not in self.decoders:
+            self.decoders[stream_id] = resume_decoder(self.vae, stream_id, first_frame, history)
         return self.decoders[stream_id].decode(latents)
 
     def forget(self, stream_id: str) -> None:
@@ -68,14 +63,11 @@ class DecodePool:
         """Send one chunk for decoding (after the generator made it); returns the ObjectRef of its frames.
         Also appends the chunk to ``state.recent_latents`` (what the stream's checkpoints keep)."""
         sid = state.stream_id
-        history = None
-        if sid in self._fresh:
-            history = state.recent_latents if chunk_index > 0 else None
-            if chunk_index > 0 and history is None:
-                raise ValueError(f"stream {sid!r} at chunk {chunk_index} carries no latent history for its decoder")
-            self._fresh.discard(sid)
+        restart = sid in self._fresh  # the actor rebuilds the stream's decoder (and checks the history)
+        history = state.recent_latents if restart else None
+        self._fresh.discard(sid)
         push_history(state, latents)
-        return self._actor(sid).decode.remote(sid, chunk_index * state.frames_per_chunk, latents, history)
+        return self._actor(sid).decode.remote(sid, chunk_index * state.frames_per_chunk, latents, restart, history)
 
     def forget(self, stream_id: str) -> None:
         self._fresh.discard(stream_id)

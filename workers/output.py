@@ -212,11 +212,15 @@ class StreamOutput:
         self._writer.write(chunk.frames if kind == "mp4" else chunk.latents)
         self._open_last = chunk.chunk_index
         self.frames_per_chunk = chunk.num_frames
-        end = chunk.chunk_index + 1
-        if end % self.segment_chunks == 0 or end == self.target_chunks:
+        if self.closes_at(chunk.chunk_index):
             self.close_segment()
             return True
         return False
+
+    def closes_at(self, chunk_index: int) -> bool:
+        """Whether writing chunk ``chunk_index`` closes its segment (a multiple of segment_chunks, or the end)."""
+        end = chunk_index + 1
+        return end % self.segment_chunks == 0 or end == self.target_chunks
 
     def _open_path(self) -> Path:
         return self.seg_dir / f".open-{self._open_first:08d}{SUFFIXES[self.kind]}"

@@ -40,34 +40,40 @@ def push_history(state: StreamState, latents: torch.Tensor) -> None:
     state.recent_latents = kept[-RESUME_LATENT_FRAMES:].contiguous()
 
 
+def resume_decoder(vae, stream_id: str, first_frame: int, history: torch.Tensor | None):
+    """A stream's decoder, ready for its latent frame ``first_frame``: fresh at the stream start, else its cache
+    rebuilt from ``history`` (the latent frames before it: all of them, or at least the last RESUME_LATENT_FRAMES)."""
+    from workers.models.wan.vae import RESUME_LATENT_FRAMES, StreamDecoder
+
+    dec = StreamDecoder(vae)
+    if first_frame > 0:
+        need = min(first_frame, RESUME_LATENT_FRAMES)
+        have = 0 if history is None else len(history)
+        if have < need:
+            raise ValueError(
+                f"stream {stream_id!r} at latent frame {first_frame} carries {have} latent frames of history; "
+                f"the decoder needs the last {need} to continue its video"
+            )
+        dec.warmup(history, starts_stream=first_frame <= RESUME_LATENT_FRAMES)
+    return dec
+
+
 class StreamPixels:
     """The decoders of the streams this generator steps (one shared VAE, one cache per stream)."""
 
     def __init__(self, vae_path: str, device: torch.device, dtype: torch.dtype):
-        from workers.models.wan.vae import RESUME_LATENT_FRAMES, load_vae
+        from workers.models.wan.vae import load_vae
 
         self.vae = load_vae(vae_path, device=device, dtype=dtype)
-        self.keep = RESUME_LATENT_FRAMES
-        self.digest = vae_digest(vae_path)
         self._decoders: dict = {}
 
     def decode(self, state: StreamState, latents: torch.Tensor) -> torch.Tensor:
         """One chunk's latents [F, C, h, w] of ``state`` (before its next_chunk advances) -> uint8 [N, H, W, 3]."""
-        from workers.models.wan.vae import StreamDecoder
-
         dec = self._decoders.get(state.stream_id)
-        if dec is None:
-            dec = self._decoders[state.stream_id] = StreamDecoder(self.vae)
-            if state.next_chunk > 0:  # arrived mid-way: rebuild the cache from the latent history
-                history = state.recent_latents
-                first = state.next_chunk * state.frames_per_chunk
-                if history is None or len(history) < min(first, self.keep):
-                    have = 0 if history is None else len(history)
-                    raise ValueError(
-                        f"stream {state.stream_id!r} at chunk {state.next_chunk} carries {have} latent frames of "
-                        f"history; the decoder needs the last {min(first, self.keep)} to continue its video"
-                    )
-                dec.warmup(history, starts_stream=first <= self.keep)
+        if dec is None:  # new here: at the stream start, or arrived mid-way (rebuilt from its latent history)
+            first = state.next_chunk * state.frames_per_chunk
+            dec = resume_decoder(self.vae, state.stream_id, first, state.recent_latents)
+            self._decoders[state.stream_id] = dec
         frames = dec.decode(latents)
         push_history(state, latents)
         return frames

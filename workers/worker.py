@@ -252,8 +252,7 @@ class GeneratorWorkerImpl(StreamMigration):
             refs = [self.pool.submit(h.state, c.latents, c.chunk_index) for h, c in zip(held, chunks)]
             done = [self._flush(h) for h in held if h.pending is not None]  # the previous step's, decoded meanwhile
             for h, chunk, ref in zip(held, chunks, refs):
-                end, target = chunk.chunk_index + 1, h.assignment.target_chunks
-                if end % self.s.segment_chunks == 0 or (target is not None and end >= target):
+                if h.output.closes_at(chunk.chunk_index):
                     done.append(self._commit(h, replace(chunk, frames=ray.get(ref))))  # closes a segment: now
                 else:
                     h.pending = (chunk, ref)
