@@ -33,10 +33,20 @@ class MemoryStoreConfig:
     # --- retrieval ---
     nprobes: int = 20  # IVF partitions probed by an indexed LanceDB search
     refine_factor: int = 4  # an indexed search re-ranks k * refine_factor candidates exactly
-    payload_cache_entries: int = 512  # LRU of decoded payloads per stream in the generator process
+    payload_cache_bytes: int = 64 * 2**20  # LRU of payloads per stream in the generator process, in bytes
     payload_readahead: int = 6  # on a payload miss, also read the next-ranked hits' payloads into the LRU
     hot_tier: bool = True  # search through an in-process embedding matrix (exact); False: LanceDB only
     hot_tier_device: str = "cpu"  # device of the hot tier's embedding matrix
+    # newest chunks per stream whose embeddings the hot tier holds (and searches exactly); older history
+    # is searched through LanceDB (its vector index once built): the two-tier search (memory_store.retriever)
+    hot_tier_rows: int = 65_536
+    # generator side: per stream, the encoded memory rows of retrieved chunks (on the model's device), in
+    # bytes; 0 turns the cache off (every newly retrieved chunk is encoded again)
+    encoded_row_cache_bytes: int = 8 * 2**20
+    # --- LanceDB's own caches (one session per connection; unbounded they grow with every version read) ---
+    lance_index_cache_bytes: int = 32 * 2**20
+    lance_metadata_cache_bytes: int = 32 * 2**20
+    fragment_target_bytes: int = 128 * 2**20  # compaction writes data files of about this size, never larger
     storage_options: dict[str, str] | None = field(default=None, repr=False)  # object-store credentials
 
     def __post_init__(self) -> None:
@@ -48,7 +58,12 @@ class MemoryStoreConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
-        for name in ("commit_retries", "payload_cache_entries", "payload_readahead", "index_threshold_rows"):
+        for name in ("hot_tier_rows", "lance_index_cache_bytes", "lance_metadata_cache_bytes", "fragment_target_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        for name in ("commit_retries", "payload_cache_bytes", "payload_readahead", "index_threshold_rows",
+                     "encoded_row_cache_bytes"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r} must be an int >= 0")
@@ -71,7 +86,15 @@ class MemoryStoreConfig:
 
 PRESETS: dict[str, dict] = {
     # small payloads, CPU: commit often enough that a crash loses little
-    "tiny": dict(embedding_dim=64, batch_size=32, flush_interval_s=0.25, queue_max=256),
+    "tiny": dict(embedding_dim=64, batch_size=32, flush_interval_s=0.25, queue_max=256, payload_cache_bytes=16 * 2**20),
     # Wan2.1-1.3B chunks are ~600 KB of float16 latents: a shorter queue bounds host memory (~40 MB)
-    "wan-1.3b": dict(embedding_dim=64, batch_size=16, flush_interval_s=1.0, queue_max=64),
+    # The payload LRU holds ~200 chunks; one chunk's encoded rows (MHA, 30 layers) are ~860 MB of GPU memory
+    "wan-1.3b": dict(
+        embedding_dim=64,
+        batch_size=16,
+        flush_interval_s=1.0,
+        queue_max=64,
+        payload_cache_bytes=128 * 2**20,
+        encoded_row_cache_bytes=2**30,
+    ),
 }

@@ -13,6 +13,12 @@ row (64 MB) and searches in two stages, still exactly:
    at most the true k-th score s_k. Every true top-k row has s~ >= s - delta >= s_k - delta >=
    s_lb - delta, so the rows with s~ >= s_lb - delta (found through per-block maxima, 1024 rows per
    block) are re-scored in float32, and their top-k is the exact top-k.
+
+Bounded: a tier holds at most ``max_rows`` chunks, the newest by chunk index. When an append would pass
+that, the oldest 1/16 of the rows go (one copy of the matrix every ``max_rows / 16`` appends) and
+:attr:`HotTier.floor` rises past them: chunks below it are searched in LanceDB (the retriever's cold
+tier). The matrix doubles up to ``max_rows``, never past it, so a day-long stream's tier holds
+``max_rows * row_bytes(E)`` bytes whatever its length.
 """
 
 from __future__ import annotations
@@ -47,39 +53,54 @@ class Hits:
         return len(self.chunk_indices)
 
 
-class PayloadCache:
-    """Thread-safe LRU of decoded payloads, keyed by chunk index."""
+def payload_nbytes(value) -> int:
+    """Bytes a cached payload holds (its latents tensor; a small constant for the rest)."""
+    lat = getattr(value, "latents", None)
+    return (lat.numel() * lat.element_size() if isinstance(lat, torch.Tensor) else 0) + 128
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._d: OrderedDict[int, object] = OrderedDict()
+
+class PayloadCache:
+    """Thread-safe LRU of payloads, keyed by chunk index, bounded in bytes (``capacity_bytes``; 0: off)."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = int(capacity_bytes)
+        self._d: OrderedDict[int, tuple[object, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self.nbytes = 0
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
 
     def get(self, chunk_index: int):
         with self._lock:
-            value = self._d.get(chunk_index)
-            if value is None:
+            item = self._d.get(chunk_index)
+            if item is None:
                 self.misses += 1
                 return None
             self._d.move_to_end(chunk_index)
             self.hits += 1
-            return value
+            return item[0]
 
     def peek(self, chunk_index: int):
         """Like :meth:`get` without touching recency or counters."""
         with self._lock:
-            return self._d.get(chunk_index)
+            item = self._d.get(chunk_index)
+            return None if item is None else item[0]
 
     def put(self, chunk_index: int, value) -> None:
-        if self.capacity == 0:
+        size = payload_nbytes(value)
+        if size > self.capacity_bytes:  # off, or one payload larger than the whole budget
             return
         with self._lock:
-            self._d[chunk_index] = value
-            self._d.move_to_end(chunk_index)
-            while len(self._d) > self.capacity:
-                self._d.popitem(last=False)
+            old = self._d.pop(chunk_index, None)
+            if old is not None:
+                self.nbytes -= old[1]
+            self._d[chunk_index] = (value, size)
+            self.nbytes += size
+            while self.nbytes > self.capacity_bytes:
+                _, (_, gone) = self._d.popitem(last=False)
+                self.nbytes -= gone
+                self.evictions += 1
 
     def __len__(self) -> int:
         return len(self._d)
@@ -139,13 +160,14 @@ def _delta(q: torch.Tensor, scale_max: float, dim: int) -> float:
 
 
 class HotTier:
-    """Exact top-k over one stream's chunk embeddings, plus an LRU of payloads and a prefetch thread.
+    """Exact top-k over one stream's newest chunk embeddings, plus an LRU of payloads and a prefetch thread.
 
     Args:
         embedding_dim: E.
         device: where the embedding matrix lives ("cpu" or a CUDA device).
-        capacity_hint: rows to preallocate; the matrix doubles when full.
-        payload_cache_entries: LRU capacity of :attr:`payloads`.
+        capacity_hint: rows to preallocate; the matrix doubles when full, up to ``max_rows``.
+        max_rows: most chunks held; past it the oldest go and :attr:`floor` rises (see the module doc).
+        payload_cache_bytes: byte budget of :attr:`payloads`.
         quantize_min_rows: searches over at least this many rows use the exact two-stage int8 scan
             (CPU only, when the int8 kernel passes its self-check).
     """
@@ -156,35 +178,59 @@ class HotTier:
         device: str | torch.device = "cpu",
         capacity_hint: int = 4096,
         *,
-        payload_cache_entries: int = 512,
+        max_rows: int = 65_536,
+        payload_cache_bytes: int = 64 * 2**20,
         quantize_min_rows: int = 32768,
     ) -> None:
         if embedding_dim < 1:
             raise ValueError(f"{embedding_dim=} must be >= 1")
+        if max_rows < 1:
+            raise ValueError(f"{max_rows=} must be >= 1")
         self.dim = embedding_dim
         self.device = torch.device(device)
+        self.max_rows = int(max_rows)
         self.quantize_min_rows = quantize_min_rows
         self.version: int | None = None  # table version it was loaded from (from_lancedb)
         self.pinned: int | None = None  # version a retriever pinned it to; None: it follows the latest
-        self.payloads = PayloadCache(payload_cache_entries)
+        self.payloads = PayloadCache(payload_cache_bytes)
         self._int8 = self.device.type == "cpu" and int8_kernel_ok(embedding_dim)
         self._lock = threading.Lock()
         self._n = 0
         self._sorted = True  # chunk indices strictly increasing in row order
         self._max_chunk = -1
         self._scale_max = 0.0
-        cap = max(16, int(capacity_hint))
+        self.floor = 0  # chunks below this index may have been dropped (they are searched in the cold tier)
+        self.evicted = 0  # rows dropped so far
+        cap = min(self.max_rows, max(16, int(capacity_hint)))
         self._emb = torch.empty(cap, embedding_dim, dtype=torch.float32, device=self.device)
         self._q8 = torch.empty(cap if self._int8 else 0, embedding_dim, dtype=torch.int8)
         self._scale = torch.empty(cap if self._int8 else 0, dtype=torch.bfloat16)
         self._chunks = np.empty(cap, dtype=np.int64)
-        self._row_of = np.full(cap, -1, dtype=np.int32)  # chunk index -> row
+        self._base = 0  # chunk index of _row_of[0]
+        self._row_of = np.full(cap, -1, dtype=np.int32)  # chunk index - _base -> row
         self._executor: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ building
 
     def __len__(self) -> int:
         return self._n
+
+    @staticmethod
+    def row_bytes(embedding_dim: int, int8: bool = True) -> int:
+        """Bytes one held chunk costs: float32 row, int8 copy and scale, chunk index, and the chunk -> row
+        map (int32 over the held span plus growth headroom: at most two entries per row)."""
+        return embedding_dim * 4 + (embedding_dim + 2 if int8 else 0) + 8 + 8
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tier's arrays hold now (its payload LRU not included)."""
+        return (
+            self._emb.numel() * 4
+            + self._q8.numel()
+            + self._scale.numel() * 2
+            + self._chunks.nbytes
+            + self._row_of.nbytes
+        )
 
     @property
     def max_chunk_index(self) -> int:
@@ -196,7 +242,8 @@ class HotTier:
         self.extend(np.asarray([chunk_index]), np.asarray(embedding, dtype=np.float32)[None])
 
     def extend(self, chunk_indices, embeddings) -> None:
-        """Add (or replace) many rows: chunk_indices int [N], embeddings float [N, E]."""
+        """Add (or replace) many rows: chunk_indices int [N], embeddings float [N, E]. Rows below
+        :attr:`floor` are ignored (that history is the cold tier's); past ``max_rows`` the oldest go."""
         ci = np.asarray(chunk_indices, dtype=np.int64).reshape(-1)
         emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
         if emb.shape != (len(ci), self.dim):
@@ -209,12 +256,25 @@ class HotTier:
             raise ValueError("embeddings have non-finite values")
         _, last = np.unique(ci[::-1], return_index=True)  # a repeated chunk index: the last row wins
         keep = np.sort(len(ci) - 1 - last)
+        keep = keep[ci[keep] >= self.floor]
+        if len(keep) == 0:
+            return
         ci, emb = ci[keep], emb[torch.from_numpy(keep)]
         emb = torch.nn.functional.normalize(emb, dim=1)  # cosine similarity = dot product of unit rows
         q8, scale = _quantize(emb) if self._int8 else (None, None)
         with self._lock:
-            self._ensure_row_of(int(ci.max()) + 1)
-            rows = self._row_of[ci].astype(np.int64)  # -1: new chunk; a replaced chunk keeps its row
+            self._ensure_row_of(int(ci.min()), int(ci.max()))
+            rows = self._row_of[ci - self._base].astype(np.int64)  # -1: new chunk; a replaced one keeps its row
+            if self._n + int((rows < 0).sum()) > self.max_rows:
+                self._evict(ci[rows < 0])
+                kept = torch.from_numpy(np.nonzero(ci >= self.floor)[0])
+                ci, emb = ci[kept.numpy()], emb[kept]
+                if self._int8:
+                    q8, scale = q8[kept], scale[kept]
+                if len(ci) == 0:
+                    return
+                self._ensure_row_of(int(ci.min()), int(ci.max()))
+                rows = self._row_of[ci - self._base].astype(np.int64)
             new = rows < 0
             old_n = self._n
             self._ensure_capacity(old_n + int(new.sum()))
@@ -227,17 +287,52 @@ class HotTier:
                 self._scale[idx] = scale
                 self._scale_max = max(self._scale_max, float(scale.float().max()))
             self._chunks[rows] = ci
-            self._row_of[ci] = rows
+            self._row_of[ci - self._base] = rows
             self._max_chunk = max(self._max_chunk, int(ci.max()))
             if self._sorted and self._n > old_n:  # new rows went to the end: still increasing?
                 tail = self._chunks[max(old_n - 1, 0) : self._n]
                 self._sorted = bool(np.all(np.diff(tail) > 0))
 
+    def _evict(self, incoming: np.ndarray) -> None:
+        """Make room for the ``incoming`` new chunk indices: over held + incoming, drop the oldest (by
+        chunk index) down to ``max_rows``, in whole blocks of ``max_rows // 16``, and raise :attr:`floor`
+        past them. For a stream's contiguous chunks the floor after n chunks is then
+        ``block * ceil((n - max_rows) / block)`` however they arrived (one by one, or a warm start's
+        bulk load), so a resumed stream splits its history where the original run did. Lock held."""
+        chunks = self._chunks[: self._n]
+        union = np.sort(np.concatenate([chunks, incoming]))
+        block = max(1, self.max_rows // 16)
+        drop = min(len(union), block * math.ceil((len(union) - self.max_rows) / block))
+        new_floor = int(union[drop - 1]) + 1
+        keep = np.nonzero(chunks >= new_floor)[0]  # rows kept, in row order (sorted stays sorted)
+        n = len(keep)
+        k = torch.from_numpy(keep)
+        # searches in flight hold references to the old arrays: write the compacted rows into new ones
+        emb = torch.empty_like(self._emb)
+        emb[:n] = self._emb[k.to(self.device)]
+        self._emb = emb
+        if self._int8:
+            q8, sc = torch.empty_like(self._q8), torch.empty_like(self._scale)
+            q8[:n], sc[:n] = self._q8[k], self._scale[k]
+            self._q8, self._scale = q8, sc
+        kept_chunks = chunks[keep].copy()
+        self._chunks = np.empty_like(self._chunks)
+        self._chunks[:n] = kept_chunks
+        self.evicted += self._n - n
+        self._n = n
+        self.floor = new_floor
+        self._base = new_floor
+        span = max(1, int(kept_chunks.max()) - new_floor + 1) if n else 1
+        self._row_of = np.full(max(span, len(self._chunks)), -1, dtype=np.int32)
+        if n:
+            self._row_of[kept_chunks - new_floor] = np.arange(n, dtype=np.int32)
+        log.debug("hot_tier_evicted", floor=new_floor, held=n)
+
     def _ensure_capacity(self, n: int) -> None:
         cap = len(self._chunks)
         if n <= cap:
             return
-        new = max(n, 2 * cap)
+        new = min(max(n, 2 * cap), self.max_rows)
         emb = torch.empty(new, self.dim, dtype=torch.float32, device=self.device)
         emb[:cap] = self._emb
         self._emb = emb  # searches in flight keep a reference to the old matrix
@@ -249,9 +344,18 @@ class HotTier:
             self._q8, self._scale = q8, scale
         self._chunks = np.concatenate([self._chunks, np.empty(new - cap, dtype=np.int64)])
 
-    def _ensure_row_of(self, size: int) -> None:
+    def _ensure_row_of(self, lo: int, hi: int) -> None:
+        """Make the chunk -> row map cover [lo, hi] (lo >= floor). Its size is the held chunk span."""
+        if self._n == 0 and lo > self._base:
+            self._base = lo  # an empty tier starts its map at its first chunk
+            self._row_of[:] = -1
+        if lo < self._base:
+            grown = np.full(len(self._row_of) + self._base - lo, -1, dtype=np.int32)
+            grown[self._base - lo :] = self._row_of
+            self._row_of, self._base = grown, lo
+        size = hi - self._base + 1
         if size > len(self._row_of):
-            grown = np.full(max(size, 2 * len(self._row_of)), -1, dtype=np.int32)
+            grown = np.full(max(size, min(2 * len(self._row_of), size + self.max_rows // 4)), -1, dtype=np.int32)
             grown[: len(self._row_of)] = self._row_of
             self._row_of = grown
 
@@ -283,6 +387,7 @@ class HotTier:
         with self._lock:  # a consistent snapshot; appends after it are not seen
             n, emb, q8, scale = self._n, self._emb, self._q8, self._scale
             chunks, row_of, is_sorted, scale_max = self._chunks[: self._n], self._row_of, self._sorted, self._scale_max
+            base = self._base
         lo_c, hi_c = int(min_chunk_index), int(max_chunk_index_exclusive)
         if is_sorted:
             lo, hi = int(np.searchsorted(chunks, lo_c)), int(np.searchsorted(chunks, hi_c))
@@ -290,8 +395,11 @@ class HotTier:
         else:
             lo, hi = 0, n
             outside = np.nonzero((chunks < lo_c) | (chunks >= hi_c))[0]
-        ex = np.fromiter((c for c in exclude if lo_c <= c < hi_c and c < len(row_of)), dtype=np.int64)
+        ex = np.fromiter(
+            (c - base for c in exclude if lo_c <= c < hi_c and 0 <= c - base < len(row_of)), dtype=np.int64
+        )
         ex_rows = row_of[ex].astype(np.int64) if len(ex) else ex
+        ex_rows = ex_rows[ex_rows >= 0]
         ex_rows = ex_rows[(ex_rows >= lo) & (ex_rows < hi)]
         masked = ex_rows if outside is None else np.union1d(outside, ex_rows)
         kk = min(k, hi - lo - len(masked))
@@ -361,18 +469,25 @@ class HotTier:
     ) -> HotTier:
         """Load ``stream_id``'s embeddings from the store (at ``version`` when given): the warm start of a
         resumed generator. Raises UnknownStreamError when the stream has no table."""
-        from memory_store.db import connect, open_chunk_table, read_embeddings
+        from memory_store.db import connect, open_chunk_table, read_chunk_indices, read_embeddings
 
         table = open_chunk_table(connect(config), stream_id, config.embedding_dim, version=version)
-        ci, emb = read_embeddings(table)
         tier = cls(
             config.embedding_dim,
             device or config.hot_tier_device,
-            capacity_hint=len(ci) + max(4096, len(ci) // 4),  # headroom for the rollout to come
-            payload_cache_entries=config.payload_cache_entries,
+            max_rows=config.hot_tier_rows,
+            payload_cache_bytes=config.payload_cache_bytes,
             quantize_min_rows=quantize_min_rows,
         )
+        # only the newest rows are read: the floor is where appending every chunk one by one puts it
+        held = read_chunk_indices(table)
+        if len(held) > tier.max_rows:
+            block = max(1, tier.max_rows // 16)
+            drop = block * math.ceil((len(held) - tier.max_rows) / block)
+            tier.floor = tier._base = int(held[drop - 1]) + 1
+        ci, emb = read_embeddings(table, after_chunk=tier.floor - 1)
+        tier._ensure_capacity(len(ci) + max(4096, len(ci) // 4))  # headroom for the rollout to come
         tier.extend(ci, emb)
         tier.version = table.version
-        log.info("hot_tier_loaded", stream_id=stream_id, rows=len(ci), version=table.version)
+        log.info("hot_tier_loaded", stream_id=stream_id, rows=len(ci), floor=tier.floor, version=table.version)
         return tier

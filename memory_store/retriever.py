@@ -1,9 +1,12 @@
 """Retrieval of a stream's most relevant non-local history for its next chunk.
 
-Hot path (default): the stream's embeddings in a :class:`~memory_store.hot_tier.HotTier` in this
-process, exact top-k, payloads from its LRU or, on a miss, from LanceDB by chunk index. Cold path
-(``config.hot_tier = False``): one LanceDB vector search that also returns the payloads (flat and exact
-below ``index_threshold_rows``, indexed and approximate above).
+Two tiers (default): the stream's newest ``config.hot_tier_rows`` embeddings sit in a
+:class:`~memory_store.hot_tier.HotTier` in this process and are searched exactly; the history below the
+tier's floor is searched through LanceDB (flat and exact below ``index_threshold_rows`` rows, through
+the vector index above, refined by ``refine_factor``). The two top-k lists merge by score. Payloads come
+from the tier's byte-bounded LRU (float16, as stored) or, on a miss, from LanceDB by chunk index. With
+``config.hot_tier = False`` every search is one LanceDB vector search that also returns the payloads.
+RAM per stream is bounded whatever the history's length: ``hot_tier_rows`` rows plus the LRU budget.
 
 Version pinning: ``search(..., version=v)`` and ``open_stream(..., version=v)`` read the table as of
 version ``v``, so a stream resumed from a checkpoint that recorded ``v`` retrieves exactly what the
@@ -14,6 +17,7 @@ are searchable at once, whatever the version.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -45,6 +49,9 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+_MAX_PINNED = 2  # read-only tiers of other versions kept per retriever (a resumed stream needs one)
+_MAX_TABLES = 16  # open LanceDB table handles kept per retriever (each holds version metadata)
+
 
 @dataclass(frozen=True)
 class RetrievedChunk:
@@ -52,7 +59,7 @@ class RetrievedChunk:
     first_frame: int
     num_frames: int
     score: float  # cosine similarity to the query
-    latents: torch.Tensor  # float32 [F, C, H, W] (float16-exact values)
+    latents: torch.Tensor  # float16 [F, C, H, W], as stored (callers cast to their compute dtype)
 
 
 class Retriever:
@@ -69,8 +76,10 @@ class Retriever:
         self._db = connect(config)
         self._lock = threading.RLock()
         self._tiers: dict[str, HotTier] = {}  # the tier a generator appends to, per stream
-        self._pinned: dict[tuple[str, int], HotTier] = {}  # read-only tiers of other versions
-        self._tables: dict[tuple[str, int | None], object] = {}
+        self._pinned: dict[tuple[str, int], HotTier] = {}  # read-only tiers of other versions (_MAX_PINNED)
+        self._tables: OrderedDict[tuple[str, int | None], object] = OrderedDict()  # LRU, _MAX_TABLES
+        self._cold_floor: dict[tuple[str, int | None], int] = {}  # tier floor when the table was refreshed
+        self.cold_searches = 0
         self._executor: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ hot tier management
@@ -101,7 +110,7 @@ class Retriever:
     def observe(self, record: ChunkRecord) -> None:
         """Make a chunk this process just generated searchable now (before its commit is durable).
 
-        The payload is cached rounded to float16, exactly as it would be read back from the store.
+        The payload is cached as float16, exactly as it would be read back from the store.
         """
         sid = validate_stream_id(record.stream_id)
         emb = np.asarray(record.embedding, dtype=np.float32)
@@ -112,7 +121,7 @@ class Retriever:
         if tier is None:
             tier = self.open_stream(sid, create=True)
         tier.append(int(record.chunk_index), emb)
-        latents = record.latents.detach().to("cpu", torch.float16).to(torch.float32)
+        latents = record.latents.detach().to("cpu", torch.float16).contiguous()
         tier.payloads.put(
             int(record.chunk_index),
             StoredChunk(int(record.chunk_index), int(record.first_frame), int(record.num_frames), latents),
@@ -128,7 +137,8 @@ class Retriever:
         return HotTier(
             self.config.embedding_dim,
             self.config.hot_tier_device,
-            payload_cache_entries=self.config.payload_cache_entries,
+            max_rows=self.config.hot_tier_rows,
+            payload_cache_bytes=self.config.payload_cache_bytes,
             quantize_min_rows=self.quantize_min_rows,
         )
 
@@ -145,7 +155,10 @@ class Retriever:
         pinned = HotTier.from_lancedb(self.config, stream_id, version=version, quantize_min_rows=self.quantize_min_rows)
         pinned.pinned = version
         with self._lock:
-            return self._pinned.setdefault((stream_id, version), pinned)
+            tier = self._pinned.setdefault((stream_id, version), pinned)
+            while len(self._pinned) > _MAX_PINNED:
+                self._pinned.pop(next(iter(self._pinned))).close()
+            return tier
 
     def _catch_up(self, stream_id: str, tier: HotTier, stop: int) -> None:
         """Pull durable rows a latest-version tier has not seen (written by another process)."""
@@ -164,10 +177,14 @@ class Retriever:
         key = (stream_id, version)
         with self._lock:
             table = self._tables.get(key)
+            if table is not None:
+                self._tables.move_to_end(key)
         if table is None:
             table = open_chunk_table(self._db, stream_id, self.config.embedding_dim, version=version)
             with self._lock:
                 self._tables[key] = table
+                while len(self._tables) > _MAX_TABLES:
+                    self._tables.popitem(last=False)
         elif refresh and version is None:
             table.checkout_latest()
         return table
@@ -218,13 +235,54 @@ class Retriever:
         tier = self._tier_for(sid, version)
         self._catch_up(sid, tier, candidates.stop)
         extra = self.config.payload_readahead
-        hits = tier.topk(q, k + extra, candidates.stop, min_chunk_index=candidates.start)
-        ranked = [int(c) for c in hits.chunk_indices]
-        payloads = self._payloads(sid, tier, ranked[:k], readahead=ranked[k:])
+        hits = tier.topk(q, k + extra, candidates.stop, min_chunk_index=max(candidates.start, tier.floor))
+        ranked = list(zip(hits.chunk_indices.tolist(), hits.scores.tolist()))
+        if candidates.start < tier.floor:  # history older than the hot tier: LanceDB's own search
+            cold = self._search_cold_ids(
+                sid, tier, q, k + extra, CandidateRange(candidates.start, min(candidates.stop, tier.floor))
+            )
+            ranked = sorted(ranked + cold, key=lambda h: (-h[1], h[0]))  # best first; ties: lower chunk
+        top = [c for c, _ in ranked[:k]]
+        payloads = self._payloads(sid, tier, top, readahead=[c for c, _ in ranked[k : k + extra]])
         return [
             RetrievedChunk(c, payloads[c].first_frame, payloads[c].num_frames, float(s), payloads[c].latents)
-            for c, s in zip(ranked[:k], hits.scores[:k])
+            for c, s in ranked[:k]
         ]
+
+    def _search_cold_ids(
+        self, sid: str, tier: HotTier, q: np.ndarray, k: int, rng: CandidateRange
+    ) -> list[tuple[int, float]]:
+        """(chunk index, cosine score) of the top-k chunks in ``rng`` (all below the tier's floor), from
+        LanceDB at the tier's version: an exact flat scan below ``index_threshold_rows``, the vector
+        index (``nprobes``, ``refine_factor``) above it."""
+        key = (sid, tier.pinned)
+        refresh = tier.pinned is None and self._cold_floor.get(key, -1) < tier.floor  # rows it must see
+        table = self._table(sid, tier.pinned, refresh=refresh)
+        self._cold_floor[key] = tier.floor
+        qn = q / max(float(np.linalg.norm(q)), 1e-30)
+        t = (
+            table.search(qn, vector_column_name="embedding")
+            .distance_type("cosine")
+            .where(f"chunk_index >= {int(rng.start)} AND chunk_index < {int(rng.stop)}", prefilter=True)
+            .nprobes(self.config.nprobes)
+            .refine_factor(self.config.refine_factor)
+            .limit(k)
+            .select(["chunk_index", "_distance"])
+            .to_arrow()
+        )
+        self.cold_searches += 1
+        ci = t.column("chunk_index").to_numpy()
+        scores = 1.0 - t.column("_distance").to_numpy().astype(np.float64)
+        return [(int(c), float(s)) for c, s in zip(ci, scores)]
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this retriever holds, by structure (hot tiers' arrays, payload LRUs), over all streams."""
+        with self._lock:
+            tiers = list(self._tiers.values()) + list(self._pinned.values())
+        return {
+            "hot_tier": sum(t.nbytes for t in tiers),
+            "payload_cache": sum(t.payloads.nbytes for t in tiers),
+        }
 
     def _payloads(
         self, stream_id: str, tier: HotTier, chunk_indices: list[int], readahead: list[int] = ()
@@ -236,10 +294,11 @@ class Retriever:
         missing = [c for c, p in out.items() if p is None]
         if missing:
             missing += [c for c in readahead if tier.payloads.peek(c) is None]
-            fetched = fetch_chunks(self._table(stream_id, tier.pinned, refresh=True), stream_id, missing)
+            table = self._table(stream_id, tier.pinned, refresh=True)
+            fetched = fetch_chunks(table, stream_id, missing, keep_half=True)
             later = [c for c in missing if c not in fetched]  # observed after the pinned version
             if later and tier.pinned is not None:
-                fetched |= fetch_chunks(self._table(stream_id, None, refresh=True), stream_id, later)
+                fetched |= fetch_chunks(self._table(stream_id, None, refresh=True), stream_id, later, keep_half=True)
             for c in missing:
                 if c in fetched:
                     tier.payloads.put(c, fetched[c])
@@ -265,7 +324,7 @@ class Retriever:
             .to_arrow()
         )
         scores = 1.0 - t.column("_distance").to_numpy()
-        chunks = rows_to_chunks(t, sid)
+        chunks = rows_to_chunks(t, sid, keep_half=True)
         order = np.lexsort(([c.chunk_index for c in chunks], -scores))
         return [
             RetrievedChunk(
@@ -293,6 +352,7 @@ class Retriever:
             self._tiers.clear()
             self._pinned.clear()
             self._tables.clear()
+            self._cold_floor.clear()
         for t in tiers:
             t.close()
 

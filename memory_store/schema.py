@@ -188,9 +188,17 @@ def encoded_to_table(rows: list[EncodedChunk], schema: pa.Schema) -> pa.Table:
 
 
 def decode_latents(
-    payload: bytes, shape: tuple[int, ...], dtype: str, checksum: str, *, stream_id: str, chunk_index: int
+    payload: bytes,
+    shape: tuple[int, ...],
+    dtype: str,
+    checksum: str,
+    *,
+    stream_id: str,
+    chunk_index: int,
+    keep_half: bool = False,
 ) -> torch.Tensor:
-    """Verify a stored payload against its checksum and return it as a float32 tensor [F, C, H, W].
+    """Verify a stored payload against its checksum and return it as a tensor [F, C, H, W]: float32, or
+    with ``keep_half`` the stored float16 (half the bytes, same values: what caches hold).
 
     Raises:
         ChecksumError: the payload, shape or dtype do not match ``checksum``.
@@ -201,7 +209,7 @@ def decode_latents(
     if dtype != LATENT_DTYPE:
         raise ValueError(f"{stream_id}[{chunk_index}]: unsupported stored dtype {dtype!r}")
     arr = np.frombuffer(payload, dtype=np.float16).reshape(shape)
-    return torch.from_numpy(arr.astype(np.float32))
+    return torch.from_numpy(arr.copy() if keep_half else arr.astype(np.float32))
 
 
 def _describe(x: object) -> str:

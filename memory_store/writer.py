@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import structlog
 
 from memory_store.config import MemoryStoreConfig
-from memory_store.db import connect, contiguous_prefix_end, open_chunk_table, read_chunk_indices
+from memory_store.db import (
+    connect,
+    contiguous_prefix_end,
+    limit_malloc_arenas,
+    open_chunk_table,
+    read_chunk_indices,
+)
 from memory_store.maintenance import Maintainer, MaintenanceReport
 from memory_store.schema import (
     ChunkRecord,
@@ -60,7 +66,10 @@ class MemoryWriter:
         self.config = config
         self.stats = WriterStats()
         self._schema = chunk_schema(config.embedding_dim)
-        self._db = connect(config)  # used by the commit thread only
+        limit_malloc_arenas()  # before LanceDB's threads start: a day of commits at flat RSS
+        # the process's shared connection on the bounded LanceDB session (db.connect); the table handles
+        # below are the commit thread's own
+        self._db = connect(config)
         self._tables: dict[str, object] = {}
         self._queue: queue.Queue[tuple[int, EncodedChunk]] = queue.Queue(maxsize=config.queue_max)
         self._put_lock = threading.Lock()
@@ -135,6 +144,7 @@ class MemoryWriter:
             self._stop.set()
             self._thread.join()
             self._maintainer.close()
+            self._tables.clear()  # the handles (and the version state they hold) go with the writer
 
     def durable_chunk_index(self, stream_id: str) -> int:
         """Highest chunk index d of ``stream_id`` such that chunks 0..d are all durable; -1 if none.
@@ -254,6 +264,10 @@ class MemoryWriter:
                 if table is None:
                     table = open_chunk_table(self._db, stream_id, self.config.embedding_dim, create=True)
                     self._tables[stream_id] = table
+                else:
+                    # the merge reads the handle's version: move it past other processes' commits and the
+                    # maintainer's compactions, whose cleanup removes the files of old versions
+                    table.checkout_latest()
                 result = (
                     table.merge_insert("chunk_index")
                     # LanceDB 0.40: a merge joined through the chunk_index B-tree misses rows that a

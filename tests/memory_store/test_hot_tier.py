@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from memory_store.hot_tier import HotTier, PayloadCache, _delta, _quantize, int8_kernel_ok
+from memory_store.db import StoredChunk
+from memory_store.hot_tier import HotTier, PayloadCache, _delta, _quantize, int8_kernel_ok, payload_nbytes
 
 
 def brute_force(emb: np.ndarray, chunks: np.ndarray, q: np.ndarray, k: int, lo: int, hi: int, exclude=()):
@@ -63,7 +64,7 @@ def test_int8_path_at_scale_is_exact():
     n, dim = 120_000, 64
     emb = rng.standard_normal((n, dim)).astype(np.float32)
     emb[:5000] = emb[0] + 0.01 * rng.standard_normal((5000, dim)).astype(np.float32)  # a cluster of near-ties
-    tier = HotTier(dim, capacity_hint=n, quantize_min_rows=1)
+    tier = HotTier(dim, capacity_hint=n, max_rows=n, quantize_min_rows=1)
     tier.extend(np.arange(n), emb)
     for trial in range(10):
         q = emb[int(rng.integers(n))] if trial < 5 else rng.standard_normal(dim).astype(np.float32)
@@ -150,11 +151,59 @@ def test_prefetch_returns_the_same_result():
     tier.close()
 
 
+def _payload(nbytes: int):
+    return StoredChunk(0, 0, 1, torch.zeros(nbytes // 2, dtype=torch.float16))
+
+
 def test_payload_cache_is_lru():
-    c = PayloadCache(2)
-    c.put(1, "a")
-    c.put(2, "b")
-    assert c.get(1) == "a"
-    c.put(3, "c")  # evicts 2, the least recently used
-    assert c.get(2) is None and c.get(1) == "a" and c.get(3) == "c"
+    a, b, c3 = _payload(1000), _payload(1000), _payload(1000)
+    c = PayloadCache(2 * payload_nbytes(a))
+    c.put(1, a)
+    c.put(2, b)
+    assert c.get(1) is a
+    c.put(3, c3)  # evicts 2, the least recently used
+    assert c.get(2) is None and c.get(1) is a and c.get(3) is c3
     assert (c.hits, c.misses) == (3, 1)
+
+
+def test_payload_cache_holds_its_byte_budget_over_many_puts():
+    one = payload_nbytes(_payload(6000))
+    c = PayloadCache(10 * one + one // 2)
+    for i in range(5000):
+        c.put(i, _payload(6000))
+        assert c.nbytes <= c.capacity_bytes
+    assert len(c) == 10 and c.nbytes == 10 * one and c.evictions == 4990
+    assert c.get(4999) is not None and c.get(4989) is None
+    c.put(-1, _payload(20 * one))  # larger than the budget: not cached, nothing evicted
+    assert c.peek(-1) is None and len(c) == 10
+    off = PayloadCache(0)
+    off.put(1, _payload(10))
+    assert len(off) == 0
+
+
+def test_tier_is_bounded_and_its_floor_follows_the_rule():
+    rng = np.random.default_rng(3)
+    dim, max_rows = 16, 256
+    tier = HotTier(dim, capacity_hint=16, max_rows=max_rows, quantize_min_rows=10**9)
+    emb = rng.standard_normal((5000, dim)).astype(np.float32)
+    sizes = set()
+    for i in range(5000):
+        tier.append(i, emb[i])
+        sizes.add(tier.nbytes)
+        assert len(tier) <= max_rows
+        block = max_rows // 16
+        want = 0 if i + 1 <= max_rows else block * -(-(i + 1 - max_rows) // block)
+        assert tier.floor == want
+    assert max(sizes) <= max_rows * HotTier.row_bytes(dim)  # the arrays stopped growing
+    # exact top-k over what it holds: chunks in [floor, 5000)
+    q = emb[4000]
+    hits = tier.topk(q, 5, 5000)
+    ref_c, ref_s = brute_force(emb, np.arange(5000), q, 5, tier.floor, 5000)
+    assert_same_topk(hits, ref_c, ref_s)
+    # a bulk load of the same history lands on the same floor (a warm start splits where the run did)
+    bulk = HotTier(dim, max_rows=max_rows, quantize_min_rows=10**9)
+    bulk.extend(np.arange(5000), emb)
+    assert bulk.floor == tier.floor and len(bulk) == len(tier)
+    np.testing.assert_array_equal(bulk.topk(q, 5, 5000).chunk_indices, hits.chunk_indices)
+    bulk.extend(np.arange(10), emb[:10])  # below the floor: ignored
+    assert len(bulk) == len(tier)
