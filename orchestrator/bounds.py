@@ -141,8 +141,11 @@ MODEL_FLAGS = {
 FLAG_NOTES = {"latent_dim": "d_c", "rope_dim": "d_r"}  # named in the message (the model's own checks use them)
 WORLD_FLAGS = {"world": SEED}
 
+HOT_TIER_ROWS = Range(1, 2**26, "chunk embeddings held in process per stream; 2**26 rows are 22 GB")
+
 # ---- the subcommands' own flags ---------------------------------------------------------------
 RUN_FLAGS = {
+    "hot_tier_rows": HOT_TIER_ROWS,
     "streams": STREAMS,
     "chunks": CHUNKS,
     "workers": WORKERS,
@@ -160,12 +163,14 @@ RUN_FLAGS = {
     "decode_actors": Range(0, 64, "VAE decode actors per worker, each with its own VAE (and GPU where there are GPUs)"),
 }
 GENERATE_FLAGS = {
+    "hot_tier_rows": HOT_TIER_ROWS,
     "frames": Range(1, INT64_MAX, "frame counts are int64"),  # then: the chunks they need, see MAX_CHUNKS
     "chunks": CHUNKS,
     "seed": SEED,
     "upscale": UPSCALE,
 }  # --threads: threads_range(this_machine())
 PLAN_FLAGS = {
+    "hot_tier_rows": HOT_TIER_ROWS,
     "hours": Range(0, 24 * 365 * 10, "ten years of one stream", integer=False, open_lo=True),
 }
 MAX_GPU_MEM = 2**44  # --gpu-mem: 16 TiB; accelerators hold a few hundred GB, anything near this is a typo

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from orchestrator import bounds
+from orchestrator.budget_options import add_budget_options, budget_overrides, check_budget
 from orchestrator.cli_common import (
     UsageError,
     add_model_options,
@@ -81,6 +82,7 @@ def register(sub) -> None:
         default=None,
         help="LanceDB database for --memory retrieval (default: OUT's name with .memory beside it)",
     )
+    add_budget_options(g)
     g.add_argument("--seed", type=int, default=0, help="stream seed: chunk i's noise depends on (seed, i)")
     g.add_argument("--prompt", default="", help="the text prompt (tiny: hashed into its conditioning vector)")
     g.add_argument(
@@ -129,7 +131,7 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def open_generate_memory(uri: str | None, out: Path, cfg):
+def open_generate_memory(uri: str | None, out: Path, cfg, budget: dict | None = None):
     """The database of a one-off `generate` run: a fresh one beside the video unless a URI is given.
 
     The stream is always called "generate", so an explicit database that already holds it is refused
@@ -145,7 +147,7 @@ def open_generate_memory(uri: str | None, out: Path, cfg):
         if default.exists():
             shutil.rmtree(default)
         uri = str(default)
-    link = MemoryLink(uri, cfg)
+    link = MemoryLink(uri, cfg, **(budget or {}))
     if "generate" in list_streams(connect(link.config)):
         link.close()
         raise UsageError(f"memory database {uri} already holds a 'generate' stream; pass a fresh --memory-uri")
@@ -191,6 +193,8 @@ def run_generate(args) -> dict:
     out = check_output_path(args.out) if args.out is not None else None
     if args.memory_uri is not None:
         check_writable_location("--memory-uri", args.memory_uri)
+    budget = budget_overrides(args)
+    check_budget(cfg, budget)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if cfg.family == "wan":
         cfg, source = wan_source(args, cfg)
@@ -224,7 +228,7 @@ def run_generate(args) -> dict:
     latent_target = args.chunks * fpc if args.chunks is not None else frames
     link = None
     if cfg.memory == "retrieval":
-        link = open_generate_memory(args.memory_uri, out or latents_out, cfg)
+        link = open_generate_memory(args.memory_uri, out or latents_out, cfg, budget)
         from workers.memory import default_embedder
 
         gen = Generator(cfg, memory=link.retriever, embedder=default_embedder(cfg), source=source)

@@ -11,6 +11,7 @@ import torch
 
 from ops.latent_cache import TORCH_DTYPES
 from orchestrator import bounds
+from orchestrator.budget_options import add_budget_options, budget_overrides, check_budget
 from orchestrator.cli_common import UsageError, add_model_options, build_config
 from workers.config import ModelConfig
 from workers.models.tiny.model import CausalVideoDiT
@@ -95,8 +96,11 @@ def stream_budget(cfg: ModelConfig) -> StreamBudget:
     return StreamBudget(cfg.cache_layout().capacity_bytes() + text_kv, text_kv, activations)
 
 
-def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
+def plan(cfg: ModelConfig, gpu_mem: int, hours: float, store_overrides: dict | None = None) -> dict:
     """Size a deployment of ``cfg`` on GPUs with ``gpu_mem`` bytes for streams of ``hours`` hours.
+
+    ``store_overrides``: MemoryStoreConfig overrides (the --hot-tier-rows / --payload-cache / --encoded-row-cache
+    flags); the memory-system figures are those of ``--memory retrieval`` streams.
 
     Returns a JSON-able dict; every byte figure is in bytes.
     """
@@ -125,6 +129,13 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
         cfg.frames_per_chunk * cfg.latent_channels * cfg.latent_height * cfg.latent_width * 2 + cfg.embedding_dim * 4
     )
     store_hour = chunks_per_hour * row_bytes
+    from workers.memory import MemoryLink
+    from workers.memory_budget import disk_overhead, memory_budget
+
+    store = MemoryLink.store_config("memory", cfg, **(store_overrides or {}))
+    mem = memory_budget(replace(cfg, memory="retrieval"), store)
+    retrieval_streams = max(0, math.floor(usable / (cache_stream + activations + mem.encoded_rows)))
+    overhead = disk_overhead(store, row_bytes)
     return {
         "preset": cfg.name,
         "attention": cfg.attention,
@@ -155,6 +166,11 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float) -> dict:
         "video_streams_per_gpu": video_streams if cfg.family == "wan" else streams,
         "mha_streams_per_gpu": max(0, math.floor(usable / (mha.capacity_bytes() + text_kv + activations))),
         "store_bytes_per_stream_hour": store_hour,
+        "store_disk_bytes_per_stream_hour": store_hour * overhead,
+        "store_disk_overhead": overhead,
+        "memory_budget": mem.to_dict(),
+        "hot_tier_rows": store.hot_tier_rows,
+        "retrieval_streams_per_gpu": retrieval_streams,
         "hours": hours,
         "store_bytes_per_stream": store_hour * hours,
         "frames_per_stream": int(video_fps * 3600 * hours),
@@ -167,6 +183,28 @@ def human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def _budget_rows(p: dict) -> list[tuple[str, str]]:
+    """The memory system's declared bounds (workers/memory_budget.py), as `plan` prints them."""
+    b = p["memory_budget"]
+    return [
+        (
+            "memory budget per stream (--memory retrieval)",
+            f"host {human(b['host_per_stream'])}: hot tier {human(b['hot_tier'])} ({p['hot_tier_rows']:,} chunks), "
+            f"payload LRU {human(b['payload_cache'])}, prefetch {human(b['prefetch'])}",
+        ),
+        (
+            "  on the GPU, beside the cache",
+            f"encoded memory rows {human(b['encoded_rows'])} ({human(b['chunk_rows'])} per chunk); "
+            f"streams per GPU with retrieval: {p['retrieval_streams_per_gpu']}",
+        ),
+        ("  dashboard telemetry per stream", f"at most {human(b['telemetry'])} (orchestrator)"),
+        (
+            "  per worker",
+            f"writer queue {human(b['writer_queue_per_worker'])}, LanceDB caches {human(b['lance_caches_per_worker'])}",
+        ),
+    ]
 
 
 def format_plan(p: dict) -> str:
@@ -209,7 +247,13 @@ def format_plan(p: dict) -> str:
             if p["decoder_cache_bytes_per_stream"]
             else []
         ),
-        ("memory store per stream-hour", human(p["store_bytes_per_stream_hour"])),
+        *_budget_rows(p),
+        (
+            "memory store per stream-hour",
+            f"{human(p['store_bytes_per_stream_hour'])} of payload; on disk at most "
+            f"{human(p['store_disk_bytes_per_stream_hour'])} "
+            f"(x{p['store_disk_overhead']:.2f}, between maintenance passes)",
+        ),
         (
             f"memory store per stream, {p['hours']:g} h",
             f"{human(p['store_bytes_per_stream'])} ({p['frames_per_stream']:,} frames)",
@@ -222,6 +266,7 @@ def format_plan(p: dict) -> str:
 def register(sub) -> None:
     p = sub.add_parser("plan", help="size a deployment: cache per token/stream, streams per GPU, store growth")
     add_model_options(p, memory=False)
+    add_budget_options(p)
     p.add_argument("--gpu-mem", default="80GB", help="memory of one GPU, e.g. 80GB or 141GiB")
     p.add_argument("--hours", type=float, default=24.0, help="length of one stream")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -229,6 +274,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    result = plan(build_config(args), parse_bytes(args.gpu_mem), args.hours)
+    cfg = build_config(args)
+    budget = budget_overrides(args)
+    check_budget(replace(cfg, memory="retrieval"), budget)
+    result = plan(cfg, parse_bytes(args.gpu_mem), args.hours, budget)
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
     return 0

@@ -58,6 +58,7 @@ class RunSpec:
     decode_actors: int = 0  # wan + VAE: decode in this many Ray actors per worker (0: in the worker)
     checkpoint_uri: str | None = None
     memory_uri: str | None = None  # default DIR/memory
+    memory_budget: dict = field(default_factory=dict)  # MemoryStoreConfig overrides: per-stream byte budgets
     stub: bool = False
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int | None = None  # None: no dashboard; 0: any free port
@@ -97,6 +98,7 @@ class RunSpec:
             decode_actors=self.decode_actors,
             checkpoint_uri=self.checkpoint_uri,
             memory_uri=None if self.stub else (self.memory_uri or str(Path(self.out_dir) / "memory")),
+            memory_budget=dict(self.memory_budget),
             stub=self.stub,
             group_size=self.group_size,
             weights=self.weights,

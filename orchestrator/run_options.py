@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 from orchestrator import bounds
+from orchestrator.budget_options import add_budget_options, budget_overrides, check_budget
 from orchestrator.cli_common import (
     UsageError,
     WorldChoice,
@@ -74,6 +75,7 @@ def add_run_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     )
     p.add_argument("--checkpoint-uri", default=None, help="pyarrow.fs URI or path of checkpoints (default DIR/streams)")
     p.add_argument("--memory-uri", default=None, help="LanceDB URI of the memory store (default DIR/memory)")
+    add_budget_options(p)
     dash = p.add_mutually_exclusive_group()
     dash.add_argument(
         "--dashboard-port",
@@ -297,6 +299,8 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
     check_upscaled_frame(cfg, args.upscale)
     streams = build_streams(args, world)
     _check_stream_memory(args, cfg, streams, seg)
+    budget = budget_overrides(args)
+    check_budget(cfg, budget)
     out = Path(args.out)
     if check_out:
         _check_out(args)
@@ -319,6 +323,7 @@ def build_run_spec(args, check_out: bool = True) -> RunSpec:
         decode_actors=args.decode_actors,
         checkpoint_uri=args.checkpoint_uri,
         memory_uri=args.memory_uri,
+        memory_budget=budget,
         stub=args.stub,
         dashboard_host=args.dashboard_host,
         dashboard_port=None if args.no_dashboard else args.dashboard_port,

@@ -78,10 +78,13 @@ class Generator:
         self.cfg = cfg
         self.memory = memory if cfg.memory == "retrieval" else None
         self.embedder = embedder
-        self._prefetched: dict[tuple[str, int], Future] = {}
-        # per stream: chunk index -> its encoded memory rows (see _refresh_memory)
+        self._prefetched: dict[tuple[str, int], Future] = {}  # at most one per stream: its next chunk's
+        # per stream: chunk index -> (its encoded memory rows, their bytes), an LRU bounded in bytes
         self._memory_rows: dict[str, OrderedDict[int, tuple]] = {}
-        self.memory_row_cache = 4 * cfg.retrieval_k  # chunks of encoded rows kept per stream
+        self._memory_row_bytes: dict[str, int] = {}
+        store = getattr(memory, "config", None)
+        self.memory_row_cache_bytes = getattr(store, "encoded_row_cache_bytes", 8 * 2**20)
+        self.encodes = 0  # retrieved chunks encoded (LRU misses), for benchmarks
         self.retrieval_ms: dict[str, float] = {}  # per stream: how long its last step waited for retrieval
         self.device = torch.device(device)
         self.dtype = _DTYPES[cfg.dtype]
@@ -117,6 +120,7 @@ class Generator:
     def forget(self, stream_id: str) -> None:
         """Drop per-stream caches (encoded memory rows, pending prefetches) of a stream that left."""
         self._memory_rows.pop(stream_id, None)
+        self._memory_row_bytes.pop(stream_id, None)
         self.retrieval_ms.pop(stream_id, None)
         self.family.forget(stream_id)
         if self.pixels is not None:
@@ -197,8 +201,8 @@ class Generator:
         if not hasattr(self.memory, "prefetch"):
             return
         key = (state.stream_id, state.next_chunk)
-        if len(self._prefetched) > 4096:  # streams that left this generator: drop stale futures
-            self._prefetched.clear()
+        for stale in [k for k in self._prefetched if k[0] == state.stream_id]:  # never used: the stream moved on
+            self._prefetched.pop(stale).cancel()
         self._prefetched[key] = self.memory.prefetch(
             state.stream_id,
             state.memory_query.cpu().numpy(),
@@ -232,7 +236,7 @@ class Generator:
             start += len(fr)
             if hit.chunk_index in lru:
                 lru.move_to_end(hit.chunk_index)
-                state.cache.import_slots(own, *lru[hit.chunk_index])
+                state.cache.import_slots(own, *lru[hit.chunk_index][0])
                 continue
             ctx = self._context(state, torch.tensor(fr), "memory", slots=sink)
             ctx.plan = AppendPlan(frames=fr, slots=own)
@@ -240,11 +244,30 @@ class Generator:
             acts = self.camera.actions(state.spec, torch.tensor(fr))[None].to(self.device, self.dtype)
             sigma = torch.zeros(1, device=self.device)
             self.family.forward(lat, sigma, [state], acts, [ctx], need_output=False)
-            lru[hit.chunk_index] = state.cache.export_slots(own)
-            while len(lru) > self.memory_row_cache:
-                lru.popitem(last=False)
+            self.encodes += 1
+            self._remember_rows(state.stream_id, lru, hit.chunk_index, state.cache.export_slots(own))
         state.memory_chunks = chosen
         log.debug("memory.refresh", stream_id=state.stream_id, chunk_index=state.next_chunk, memory=chosen)
+
+    def _remember_rows(self, sid: str, lru: OrderedDict, chunk_index: int, rows: tuple) -> None:
+        """Keep a chunk's encoded rows while they fit the stream's byte budget (oldest out first)."""
+        size = sum(t.numel() * t.element_size() for t in rows if isinstance(t, torch.Tensor))
+        if size > self.memory_row_cache_bytes:
+            return
+        used = self._memory_row_bytes.get(sid, 0) + size
+        lru[chunk_index] = (rows, size)
+        while used > self.memory_row_cache_bytes:
+            _, (_, gone) = lru.popitem(last=False)
+            used -= gone
+        self._memory_row_bytes[sid] = used
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes the generator holds beyond the streams' caches, by structure, over all its streams (and the
+        count of retrievals in flight)."""
+        out = {"encoded_rows": sum(self._memory_row_bytes.values()), "prefetches_in_flight": len(self._prefetched)}
+        if self.memory is not None and hasattr(self.memory, "memory_bytes"):
+            out.update(self.memory.memory_bytes())
+        return out
 
     # ---- rollout -----------------------------------------------------------------------------
     @torch.inference_mode()

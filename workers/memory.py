@@ -7,6 +7,8 @@ searchable at once (``observe``) and durable after the writer's next commit.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from memory_store.config import MemoryStoreConfig
 from memory_store.embedders import PooledProjectionEmbedder
 from memory_store.retriever import Retriever
@@ -57,8 +59,19 @@ class MemoryLink:
 
     @staticmethod
     def store_config(uri: str, cfg: ModelConfig, **overrides) -> MemoryStoreConfig:
-        preset = cfg.name if cfg.name in ("tiny", "wan-1.3b") else "tiny"
-        return MemoryStoreConfig.from_name(preset, uri=uri, embedding_dim=cfg.embedding_dim, **overrides)
+        """The store's preset for ``cfg`` with ``overrides``. A budget left at its preset default is raised to
+        what ``cfg``'s chunks need (2 chunks of encoded rows, 4 retrievals of payloads): defaults always hold."""
+        from workers.memory_budget import chunk_payload_bytes, chunk_row_bytes
+
+        wan = cfg.family == "wan" or cfg.name.startswith("wan")
+        preset = MemoryStoreConfig.from_name("wan-1.3b" if wan else "tiny", uri=uri, embedding_dim=cfg.embedding_dim)
+        defaults = {
+            "encoded_row_cache_bytes": max(preset.encoded_row_cache_bytes, 2 * chunk_row_bytes(cfg)),
+            "payload_cache_bytes": max(
+                preset.payload_cache_bytes, 4 * cfg.retrieval_k * (chunk_payload_bytes(cfg) + 128)
+            ),  # noqa: E501
+        }
+        return replace(preset, **{**defaults, **overrides})
 
     def open_stream(self, stream_id: str, version: int | None = None) -> None:
         """Warm the hot tier from the store (a resumed stream), pinned to ``version`` when given."""

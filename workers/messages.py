@@ -23,6 +23,7 @@ class WorkerSettings:
     lossless: bool = False  # RGB losslessly (libx264rgb qp 0): decoded frames equal the generator's uint8 frames
     checkpoint_uri: str | None = None  # pyarrow.fs URI or path of the checkpoint root (default out_dir/streams)
     memory_uri: str | None = None  # LanceDB URI of the memory store (None: chunks are not stored)
+    memory_budget: dict = field(default_factory=dict)  # MemoryStoreConfig overrides (per-stream byte budgets)
     threads: int = 1  # torch CPU threads of the worker
     stub: bool = False  # benchmarks: fake chunks, no model, no files
     write_output: bool = True  # benchmarks: False = no segments, manifests or checkpoints

@@ -86,7 +86,7 @@ class GeneratorWorkerImpl(StreamMigration):
         if settings.memory_uri and not settings.stub:
             from workers.memory import MemoryLink
 
-            self.memory = MemoryLink(settings.memory_uri, self.cfg)
+            self.memory = MemoryLink(settings.memory_uri, self.cfg, **settings.memory_budget)
         elif self.cfg.memory == "retrieval":
             raise ValueError("memory='retrieval' needs a memory store (settings.memory_uri)")
         if settings.stub:
