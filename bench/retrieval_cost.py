@@ -16,10 +16,10 @@ torch runs one intra-op thread by default, as a worker does (``WorkerSettings.th
 threads on two busy cores OpenMP's barriers make every forward many times slower, which would swamp
 what is measured here. Per run: a new Generator, new streams (same seeds every run), ``--warmup``
 untimed chunks (the window and memory slots fill), then ``--chunks`` timed steps of ``Generator.step``
-+ ``MemoryLink.publish`` of every chunk, as a worker does. Time per chunk = step + publish wall time / streams. Runs are
-interleaved: every round runs every (configuration, streams) once, in an order rotated per round,
-so that load from elsewhere on the machine hits all of them alike; tables give the median and the
-best (lowest) over rounds of each run's mean.
++ ``MemoryLink.publish`` of every chunk, as a worker does. Time per chunk = (step + publish) / streams.
+Runs are interleaved: every round runs every (configuration, streams) once, in an order rotated per
+round, so that load from elsewhere on the machine hits all of them alike; tables give the median and
+the best (lowest) over rounds of each run's mean.
 
 Breakdown (instance-level wrappers installed by this script only; product code is unchanged):
   search wait   time in ``Generator._retrieve`` (waiting for the prefetched ``memory.search`` future)
@@ -39,11 +39,11 @@ taking the cores; on a shared machine read the CPU tables, the wall ones carry t
 Counts: encodes per chunk, LRU lookups (retrieved chunks whose set changed), LRU hit rate, and
 re-encodes (chunks encoded again after the LRU dropped them).
 
-"memory-system overhead" = search wait + encode + refresh rest + publish (caller wall time), and the
-same plus background store CPU, as % of the retrieval chunk time (the project goal: at most 3% on a
-GPU worker; this script reports the CPU figure).
+"memory-system overhead" = search wait + encode + refresh rest + publish (caller wall time), the same
+plus background store CPU, as % of the retrieval chunk time, and (CPU only) as % of all the process's
+CPU (the project goal: at most 3% on a GPU worker; this script reports the CPU figures).
 
-The default run takes about 5 minutes on 2 idle cores.
+The default run takes about 5 minutes on 2 idle cores (under 7 on 2 cores shared with other jobs).
 """
 
 from __future__ import annotations
