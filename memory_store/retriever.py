@@ -259,21 +259,25 @@ class Retriever:
         refresh = tier.pinned is None and self._cold_floor.get(key, -1) < tier.floor  # rows it must see
         table = self._table(sid, tier.pinned, refresh=refresh)
         self._cold_floor[key] = tier.floor
+        t = self._vector_search(table, q, k, rng, ["chunk_index"])
+        self.cold_searches += 1
+        ci = t.column("chunk_index").to_numpy()
+        scores = 1.0 - t.column("_distance").to_numpy().astype(np.float64)
+        return [(int(c), float(s)) for c, s in zip(ci, scores)]
+
+    def _vector_search(self, table, q: np.ndarray, k: int, rng: CandidateRange, columns: list[str]):
+        """LanceDB's cosine top-k over chunks in ``rng`` (prefiltered), with ``columns`` and ``_distance``."""
         qn = q / max(float(np.linalg.norm(q)), 1e-30)
-        t = (
+        return (
             table.search(qn, vector_column_name="embedding")
             .distance_type("cosine")
             .where(f"chunk_index >= {int(rng.start)} AND chunk_index < {int(rng.stop)}", prefilter=True)
             .nprobes(self.config.nprobes)
             .refine_factor(self.config.refine_factor)
             .limit(k)
-            .select(["chunk_index", "_distance"])
+            .select([*columns, "_distance"])
             .to_arrow()
         )
-        self.cold_searches += 1
-        ci = t.column("chunk_index").to_numpy()
-        scores = 1.0 - t.column("_distance").to_numpy().astype(np.float64)
-        return [(int(c), float(s)) for c, s in zip(ci, scores)]
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this retriever holds, by structure (hot tiers' arrays, payload LRUs), over all streams."""
@@ -311,18 +315,7 @@ class Retriever:
     def _search_cold(
         self, sid: str, q: np.ndarray, k: int, rng: CandidateRange, version: int | None
     ) -> list[RetrievedChunk]:
-        table = self._table(sid, version, refresh=True)
-        q = q / max(float(np.linalg.norm(q)), 1e-30)
-        t = (
-            table.search(q, vector_column_name="embedding")
-            .distance_type("cosine")
-            .where(f"chunk_index >= {int(rng.start)} AND chunk_index < {int(rng.stop)}", prefilter=True)
-            .nprobes(self.config.nprobes)
-            .refine_factor(self.config.refine_factor)
-            .limit(k)
-            .select([*PAYLOAD_COLUMNS, "_distance"])
-            .to_arrow()
-        )
+        t = self._vector_search(self._table(sid, version, refresh=True), q, k, rng, PAYLOAD_COLUMNS)
         scores = 1.0 - t.column("_distance").to_numpy()
         chunks = rows_to_chunks(t, sid, keep_half=True)
         order = np.lexsort(([c.chunk_index for c in chunks], -scores))

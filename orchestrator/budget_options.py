@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import re
 
+from orchestrator import bounds
 from orchestrator.cli_common import UsageError
 from workers.config import ModelConfig
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 MAX_BUDGET_BYTES = 2**40  # 1 TiB per structure and stream: past it a figure is a typo
-MAX_HOT_TIER_ROWS = 2**26
 
 
 def parse_size(flag: str, text: str) -> int:
@@ -50,8 +50,9 @@ def budget_overrides(args: argparse.Namespace) -> dict:
     out: dict = {}
     rows = getattr(args, "hot_tier_rows", None)
     if rows is not None:
-        if not 1 <= rows <= MAX_HOT_TIER_ROWS:
-            raise UsageError(f"--hot-tier-rows {rows} must be 1..{MAX_HOT_TIER_ROWS}")
+        problem = bounds.HOT_TIER_ROWS.problem(rows)
+        if problem:
+            raise UsageError(f"--hot-tier-rows {problem}")
         out["hot_tier_rows"] = rows
     for flag, key in (("payload_cache", "payload_cache_bytes"), ("encoded_row_cache", "encoded_row_cache_bytes")):
         if getattr(args, flag, None) is not None:
