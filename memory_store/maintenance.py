@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import lancedb
 import structlog
@@ -26,13 +25,6 @@ from memory_store.db import connect, dataset_uri, disk_bytes, open_chunk_table
 
 log = structlog.get_logger(__name__)
 
-try:  # pylance: Lance's own Python API (compaction options, exact version cleanup)
-    import lance as _lance
-except ImportError:  # pragma: no cover - exercised where pylance is not installed
-    _lance = None
-
-_NEVER = timedelta(days=36500)  # "cleanup nothing" for optimize(); pruning is done separately, below
-_CLEANUP_MARGIN_S = 1.0  # most that cleanup's age cutoff is set before the oldest protected version
 _COMPACTION_BATCH_BYTES = 2 * 2**20  # bytes of one batch compaction reads and writes
 _LANCE_PAGE_BYTES = 8 * 2**20  # Lance flushes a data file's pages at about this size (and checks the cap)
 _MATERIALIZE_DELETIONS = 0.1  # a fragment with more than this share of deleted rows is rewritten alone
@@ -81,13 +73,11 @@ def maintain_table(
     tagged one. Errors are collected in the report, not raised: the data is durable without maintenance.
 
     Compaction and cleanup go through Lance (``pylance``, the library under LanceDB), which takes the
-    compaction options and the exact versions to remove; without it the pass falls back to LanceDB's
-    ``optimize()``, which rewrites every fragment below 1M rows (the whole table) on each pass.
+    compaction options and the exact versions to remove (LanceDB's own ``optimize()`` rewrites every
+    fragment below 1M rows, the whole table, on each pass, and prunes by age only).
     """
     rep = MaintenanceReport(stream_id)
     table.checkout_latest()
-    if _lance is None:
-        return _maintain_with_optimize(table, stream_id, config, rep, rows_at_last_index)
     try:
         ds = _dataset(table, config)
         rep.fragments_before = rep.fragments_after = len(ds.get_fragments())
@@ -107,28 +97,6 @@ def maintain_table(
         rep.errors.append(f"cleanup: {e}")
         log.warning("maintenance_incomplete", stream_id=stream_id, errors=rep.errors)
     table.checkout_latest()
-    return rep
-
-
-def _maintain_with_optimize(table, stream_id, config, rep, rows_at_last_index) -> MaintenanceReport:
-    """The pass without ``pylance``: LanceDB's optimize() (default compaction) and an age-based prune."""
-    try:
-        rep.fragments_before = rep.fragments_after = _fragments(table)
-        # Compact until stable (one pass can leave fragments a second pass merges): the prune below is
-        # an optimize() too, and must find nothing left to rewrite, or its new version would keep the
-        # files of the one it replaces alive.
-        for _ in range(3):
-            _retry_conflicts(lambda: table.optimize(cleanup_older_than=_NEVER))  # compaction + index update
-            before, rep.fragments_after = rep.fragments_after, _fragments(table)
-            if rep.fragments_after >= before or rep.fragments_after <= 1:
-                break
-    except Exception as e:
-        rep.errors.append(f"compaction: {e}")
-    try:
-        rep.versions_removed = _retry_conflicts(lambda: _cleanup(table, config.keep_versions))
-    except Exception as e:
-        rep.errors.append(f"cleanup: {e}")
-    _build_indices(table, stream_id, config, rep, rows_at_last_index)
     return rep
 
 
@@ -332,10 +300,6 @@ def _dataset(table, config: MemoryStoreConfig):
     )
 
 
-def _fragments(table) -> int:
-    return table.stats()["fragment_stats"]["num_fragments"]
-
-
 def _retry_conflicts(fn, attempts: int = 4):
     """Call ``fn``; on a LanceDB retryable commit conflict (a concurrent commit won) try again."""
     for attempt in range(attempts):
@@ -345,32 +309,6 @@ def _retry_conflicts(fn, attempts: int = 4):
             if "Retryable commit conflict" not in str(e) or attempt == attempts - 1:
                 raise
             time.sleep(0.05 * 2**attempt)
-
-
-def _cleanup(table, keep_versions: int) -> int:
-    """Remove versions older than both the ``keep_versions``-th newest and the oldest tagged version
-    (the fallback without ``pylance``).
-
-    LanceDB's cleanup takes an age, not a version: versions older than ``now - older_than`` go. The
-    age is computed here from the oldest protected version's timestamp, minus a margin for the time
-    between this clock reading and LanceDB's. The margin is at most half the gap to the version just
-    before, so that versions committed in quick succession (a compaction commits two) still go.
-    """
-    versions = sorted(table.list_versions(), key=lambda v: v["version"])
-    if len(versions) <= keep_versions:
-        return 0
-    ts = {v["version"]: v["timestamp"].timestamp() for v in versions}
-    protected = [versions[-keep_versions]["version"]]
-    protected += [t["version"] for t in table.tags.list().values() if t["version"] in ts]
-    oldest = min(protected, key=lambda v: ts[v])
-    older = [v for v in ts if ts[v] < ts[oldest]]
-    if not older:
-        return 0
-    margin = min(_CLEANUP_MARGIN_S, (ts[oldest] - max(ts[v] for v in older)) / 2)
-    older_than = time.time() - ts[oldest] + margin
-    # optimize() prunes after compacting; maintain_table compacted until stable, so it only prunes.
-    table.optimize(cleanup_older_than=timedelta(seconds=older_than))
-    return len(set(ts) - {v["version"] for v in table.list_versions()})
 
 
 def _load_malloc_trim():

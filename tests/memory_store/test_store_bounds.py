@@ -18,12 +18,6 @@ from memory_store.maintenance import compaction_options, disk_overhead_bound, di
 from memory_store.writer import MemoryWriter
 from tests.memory_store.procs import DIM, make_record
 
-try:
-    import lance  # noqa: F401
-except ImportError:
-    lance = None
-needs_lance = pytest.mark.skipif(lance is None, reason="bounded compaction and exact cleanup need pylance")
-
 SHAPE = (1, 3, 32, 32)  # 6 KiB of float16 latents a row: a tiny-preset latent frame
 ROW_PAYLOAD = math.prod(SHAPE) * 2 + DIM * 4
 
@@ -76,7 +70,6 @@ def test_session_caches_stay_within_their_bounds(make_config):
     assert db.session(cfg).size_bytes <= 3 * 2**20
 
 
-@needs_lance
 def test_versions_and_files_stay_bounded_over_passes(make_config):
     cfg = make_config(keep_versions=4, fragment_target_bytes=2**20)
     with MemoryWriter(cfg) as w:
@@ -104,7 +97,6 @@ def test_versions_and_files_stay_bounded_over_passes(make_config):
         assert w.durable_chunk_index("s") == nxt - 1
 
 
-@needs_lance
 def test_compaction_writes_files_of_about_the_target_and_leaves_full_ones_alone(make_config):
     """~100 MB in 1 MB commits against a 32 MiB target (the smallest whose byte cap Lance can hold, see
     compaction_options): a table of about four targets, compacted every 10 commits."""
@@ -134,7 +126,6 @@ def test_compaction_writes_files_of_about_the_target_and_leaves_full_ones_alone(
     assert sum(f.metadata.physical_rows for f in frags) == 1600
 
 
-@needs_lance
 def test_disk_after_maintenance_within_1_2x_of_the_payload_and_the_bound(make_config):
     """2,000 rows of 6 KiB, 16 a commit, a pass every 2 commits: a day-long stream in miniature (the
     table spans ~50 fragment targets, as a tiny-preset stream-day spans ~60 of 128 MiB, and a pass merges
