@@ -11,7 +11,9 @@ RAM per stream is bounded whatever the history's length: ``hot_tier_rows`` rows 
 Version pinning: ``search(..., version=v)`` and ``open_stream(..., version=v)`` read the table as of
 version ``v``, so a stream resumed from a checkpoint that recorded ``v`` retrieves exactly what the
 original run would have. Chunks passed to :meth:`Retriever.observe` (the ones this process generated)
-are searchable at once, whatever the version.
+are searchable at once, whatever the version; with a writer attached (:meth:`Retriever.attach_writer`)
+their payloads are held outside the LRU until the writer reports them durable, so a small LRU never
+loses a chunk that the store does not have yet.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from memory_store.db import (
     read_embeddings,
     rows_to_chunks,
 )
-from memory_store.hot_tier import HotTier
+from memory_store.hot_tier import HotTier, payload_nbytes
 from memory_store.policies import CandidateRange, adaptive_window_exclusion, longlive_rag_candidates
 from memory_store.schema import ChunkRecord, MemoryStoreError, UnknownStreamError, validate_stream_id
 
@@ -81,6 +83,25 @@ class Retriever:
         self._cold_floor: dict[tuple[str, int | None], int] = {}  # tier floor when the table was refreshed
         self.cold_searches = 0
         self._executor: ThreadPoolExecutor | None = None
+        # observed payloads not yet durable, per stream (only with a writer attached, which bounds them by
+        # its queue and reports each commit through mark_durable)
+        self._pending: dict[str, dict[int, StoredChunk]] | None = None
+
+    def attach_writer(self, writer) -> None:
+        """Hold every observed payload until ``writer`` (a :class:`~memory_store.writer.MemoryWriter` in
+        this process, which the observed chunks are put to) has committed it."""
+        with self._lock:
+            if self._pending is None:
+                self._pending = {}
+        writer.add_commit_listener(self.mark_durable)
+
+    def mark_durable(self, stream_id: str, chunk_indices: list[int]) -> None:
+        """The writer committed these chunks: their payloads may now leave memory with the LRU."""
+        with self._lock:
+            pending = None if self._pending is None else self._pending.get(stream_id)
+            if pending:
+                for c in chunk_indices:
+                    pending.pop(int(c), None)
 
     # ------------------------------------------------------------------ hot tier management
 
@@ -122,10 +143,11 @@ class Retriever:
             tier = self.open_stream(sid, create=True)
         tier.append(int(record.chunk_index), emb)
         latents = record.latents.detach().to("cpu", torch.float16).contiguous()
-        tier.payloads.put(
-            int(record.chunk_index),
-            StoredChunk(int(record.chunk_index), int(record.first_frame), int(record.num_frames), latents),
-        )
+        payload = StoredChunk(int(record.chunk_index), int(record.first_frame), int(record.num_frames), latents)
+        with self._lock:
+            if self._pending is not None:
+                self._pending.setdefault(sid, {})[payload.chunk_index] = payload
+        tier.payloads.put(payload.chunk_index, payload)
 
     def stream_rows(self, stream_id: str) -> int:
         """Chunks of the stream searchable in this process's hot tier (0 if it was never opened)."""
@@ -283,9 +305,11 @@ class Retriever:
         """Bytes this retriever holds, by structure (hot tiers' arrays, payload LRUs), over all streams."""
         with self._lock:
             tiers = list(self._tiers.values()) + list(self._pinned.values())
+            pending = [p for d in (self._pending or {}).values() for p in d.values()]
         return {
             "hot_tier": sum(t.nbytes for t in tiers),
             "payload_cache": sum(t.payloads.nbytes for t in tiers),
+            "pending_payloads": sum(payload_nbytes(p) for p in pending),  # the LRU may hold them too
         }
 
     def _payloads(
@@ -295,6 +319,9 @@ class Retriever:
         brings the uncached ``readahead`` chunks (the next-ranked hits, likely wanted by the next chunk:
         a read of 12 rows costs little more than one of 6, per-query overhead dominates)."""
         out = {c: tier.payloads.get(c) for c in chunk_indices}
+        with self._lock:
+            pending = (self._pending or {}).get(stream_id, {})
+            out |= {c: pending[c] for c, p in out.items() if p is None and c in pending}
         missing = [c for c, p in out.items() if p is None]
         if missing:
             missing += [c for c in readahead if tier.payloads.peek(c) is None]
@@ -346,6 +373,8 @@ class Retriever:
             self._pinned.clear()
             self._tables.clear()
             self._cold_floor.clear()
+            if self._pending is not None:
+                self._pending.clear()
         for t in tiers:
             t.close()
 

@@ -81,6 +81,7 @@ class MemoryWriter:
         self._stop = threading.Event()
         self._flush_requested = threading.Event()
         self._maintainer = Maintainer(config)
+        self._commit_listeners: list = []  # fn(stream_id, chunk_indices) after each durable commit
         self._thread = threading.Thread(target=self._run, name="memory-writer", daemon=True)
         self._thread.start()
 
@@ -111,6 +112,11 @@ class MemoryWriter:
                         ) from None
             self._put_seq = seq
             self.stats.chunks_put += 1
+
+    def add_commit_listener(self, fn) -> None:
+        """Call ``fn(stream_id, chunk_indices)`` on the commit thread after each commit of a stream's
+        rows is durable (the retriever uses it to let go of payloads the store now has)."""
+        self._commit_listeners.append(fn)
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every chunk put before this call is durable.
@@ -298,4 +304,10 @@ class MemoryWriter:
             rows=len(rows),
             version=result.version,
         )
+        chunks = [r.chunk_index for r in rows]
+        for fn in self._commit_listeners:
+            try:
+                fn(stream_id, chunks)
+            except Exception as e:  # noqa: BLE001 - a listener's bug must not stop the commits
+                log.error("commit_listener_failed", stream_id=stream_id, error=repr(e))
         self._maintainer.notify_commit(stream_id)

@@ -56,6 +56,7 @@ class MemoryLink:
         self.model_hash = cfg.config_hash()
         self.writer = MemoryWriter(self.config)
         self.retriever = Retriever(self.config)
+        self.retriever.attach_writer(self.writer)  # published payloads stay readable until durable
 
     @staticmethod
     def store_config(uri: str, cfg: ModelConfig, **overrides) -> MemoryStoreConfig:

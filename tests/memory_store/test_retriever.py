@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from memory_store.db import connect, open_chunk_table
-from memory_store.hot_tier import HotTier
+from memory_store.db import StoredChunk, connect, open_chunk_table
+from memory_store.hot_tier import HotTier, payload_nbytes
 from memory_store.retriever import Retriever, adaptive_window_exclusion, longlive_rag_candidates
 from memory_store.schema import ChecksumError, MemoryStoreError, UnknownStreamError
 from memory_store.writer import MemoryWriter
@@ -116,6 +116,29 @@ def test_resumed_stream_retrieves_what_the_original_run_did(make_config):
             r.observe(rec)
     assert all(resumed[i] == original[i] for i in range(40, 60))
     assert any(len(resumed[i]) == k for i in range(40, 60))
+
+
+def test_a_payload_not_yet_durable_survives_eviction_from_a_small_lru(make_config):
+    # the LRU holds 2 payloads; the writer commits only on flush: without the pending hold chunk 0 is in
+    # the hot tier but neither cached nor in the store
+    rec = make_record("p", 0)
+    one = payload_nbytes(StoredChunk(0, 0, rec.num_frames, rec.latents.half()))
+    cfg = make_config(payload_cache_bytes=2 * one, batch_size=1000, flush_interval_s=600.0)
+    with MemoryWriter(cfg) as w, Retriever(cfg) as r:
+        r.attach_writer(w)
+        for i in range(12):
+            rec = make_record("p", i)
+            w.put(rec)
+            r.observe(rec)
+        assert r.memory_bytes()["pending_payloads"] == 12 * one
+        got = r.search("p", make_embedding("p", 0), 1, before_chunk=4)
+        assert got[0].chunk_index == 0
+        assert torch.equal(got[0].latents, make_record("p", 0).latents.half())
+        w.flush()  # committed: the hold is let go, the store serves what the LRU dropped
+        assert r.memory_bytes()["pending_payloads"] == 0
+        got = r.search("p", make_embedding("p", 1), 1, before_chunk=4)
+        assert got[0].chunk_index == 1
+        assert torch.equal(got[0].latents, make_record("p", 1).latents.half())
 
 
 def test_observed_chunks_are_searchable_before_they_are_durable(make_config):

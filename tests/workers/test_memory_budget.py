@@ -40,6 +40,7 @@ def test_every_retrieval_structure_stays_within_its_budget(tmp_path):
         assert s["payload_cache"] <= budget["payload_cache_bytes"]
         assert s["prefetches_in_flight"] <= 1
         assert s["hot_tier"] <= 16 * HotTier.row_bytes(CFG.embedding_dim)
+        assert s["pending_payloads"] <= 256 * chunk_payload_bytes(CFG)  # held until durable: the writer queue
     late = samples[30:]
     assert len({s["hot_tier"] for s in late}) == 1  # the tier's arrays stopped growing
     assert max(s["encoded_rows"] for s in late) == 3 * rows  # the LRU fills to its budget, not past it
