@@ -85,8 +85,20 @@ class MemoryStoreConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # small payloads, CPU: commit often enough that a crash loses little
-    "tiny": dict(embedding_dim=64, batch_size=32, flush_interval_s=0.25, queue_max=256, payload_cache_bytes=16 * 2**20),
+    # small payloads, CPU. A commit costs ~10 ms of CPU whatever its size: at most one a second per stream
+    # (a crash loses nothing: recovery regenerates from the checkpoint, which pins its own version)
+    # Budgets in proportion to its ~5-20 kB chunks: they fill within the first few thousand chunks
+    # (RSS is flat after that), and compaction's rewritten tail stays small beside the payload.
+    "tiny": dict(
+        embedding_dim=64,
+        batch_size=32,
+        flush_interval_s=1.0,
+        queue_max=256,
+        payload_cache_bytes=8 * 2**20,
+        lance_index_cache_bytes=8 * 2**20,
+        lance_metadata_cache_bytes=8 * 2**20,
+        fragment_target_bytes=16 * 2**20,
+    ),
     # Wan2.1-1.3B chunks are ~600 KB of float16 latents: a shorter queue bounds host memory (~40 MB)
     # The payload LRU holds ~200 chunks; one chunk's encoded rows (MHA, 30 layers) are ~860 MB of GPU memory
     "wan-1.3b": dict(

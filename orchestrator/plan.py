@@ -135,7 +135,7 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float, store_overrides: dict | N
     store = MemoryLink.store_config("memory", cfg, **(store_overrides or {}))
     mem = memory_budget(replace(cfg, memory="retrieval"), store)
     retrieval_streams = max(0, math.floor(usable / (cache_stream + activations + mem.encoded_rows)))
-    overhead = disk_overhead(store, row_bytes)
+    overhead, pileup = disk_overhead(store, row_bytes)
     return {
         "preset": cfg.name,
         "attention": cfg.attention,
@@ -168,11 +168,13 @@ def plan(cfg: ModelConfig, gpu_mem: int, hours: float, store_overrides: dict | N
         "store_bytes_per_stream_hour": store_hour,
         "store_disk_bytes_per_stream_hour": store_hour * overhead,
         "store_disk_overhead": overhead,
+        "store_disk_pileup_bytes_per_stream": pileup,
         "memory_budget": mem.to_dict(),
         "hot_tier_rows": store.hot_tier_rows,
         "retrieval_streams_per_gpu": retrieval_streams,
         "hours": hours,
         "store_bytes_per_stream": store_hour * hours,
+        "store_disk_bytes_per_stream": store_hour * hours * overhead + pileup,
         "frames_per_stream": int(video_fps * 3600 * hours),
     }
 
@@ -252,11 +254,13 @@ def format_plan(p: dict) -> str:
             "memory store per stream-hour",
             f"{human(p['store_bytes_per_stream_hour'])} of payload; on disk at most "
             f"{human(p['store_disk_bytes_per_stream_hour'])} "
-            f"(x{p['store_disk_overhead']:.2f}, between maintenance passes)",
+            f"(x{p['store_disk_overhead']:.2f}, between maintenance passes) "
+            f"+ {human(p['store_disk_pileup_bytes_per_stream'])} once per stream",
         ),
         (
             f"memory store per stream, {p['hours']:g} h",
-            f"{human(p['store_bytes_per_stream'])} ({p['frames_per_stream']:,} frames)",
+            f"{human(p['store_bytes_per_stream'])} ({p['frames_per_stream']:,} frames); "
+            f"on disk at most {human(p['store_disk_bytes_per_stream'])}",
         ),
     ]
     width = max(len(k) for k, _ in rows)

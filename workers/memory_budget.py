@@ -111,9 +111,10 @@ def budget_problems(cfg: ModelConfig, store: MemoryStoreConfig) -> list[str]:
     return out
 
 
-def disk_overhead(store: MemoryStoreConfig, row_bytes: int) -> float:
-    """Bound on the store's disk bytes over its payload bytes, between maintenance passes (from
-    memory_store.maintenance.disk_overhead_bound)."""
-    from memory_store.maintenance import disk_overhead_bound
+def disk_overhead(store: MemoryStoreConfig, row_bytes: int) -> tuple[float, int]:
+    """Bound on a stream's store disk bytes between maintenance passes, as (factor on the payload a
+    long stream writes, constant bytes once per stream): memory_store.maintenance's
+    ``disk_overhead_bound`` and ``disk_pileup_bytes``."""
+    from memory_store.maintenance import disk_overhead_bound, disk_pileup_bytes
 
-    return disk_overhead_bound(store, row_bytes)
+    return disk_overhead_bound(store, row_bytes), disk_pileup_bytes(store, row_bytes)
