@@ -52,6 +52,7 @@ end within --p99-budget-ms. Bad input: one ``error:`` line, exit 2.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -116,6 +117,10 @@ class Sample:
     retrieval_n: int = 0
     restart: bool = False  # first sample of a session that resumed an earlier one
     final: bool = False  # after the closing flush + maintenance pass (no rates)
+    cpu_s: float = 0.0  # CPU seconds of this process (user + system) so far in this session
+    frames_per_cpu_s: float | None = None  # all streams, over the interval, per CPU-second of this process
+    rss_anon_mib: float | None = None  # of rss_mib: anonymous memory (Linux)
+    rss_file_mib: float | None = None  # of rss_mib: pages of mapped files, e.g. libraries' code
     cuda_allocated_mib: float | None = None
     cuda_reserved_mib: float | None = None
     num_fds: int | None = None
@@ -123,6 +128,7 @@ class Sample:
     memory_disk_parts: dict[str, list[int]] = field(default_factory=dict)  # LanceDB part -> [bytes, files]
     structures: dict[str, int] | None = None  # memory_bytes() of the generator / retriever, where present
     counters: dict[str, float] = field(default_factory=dict)
+    heap: dict[str, float] = field(default_factory=dict)  # MiB: malloc in use / free, Arrow pool, LanceDB caches
     hit_rate: float | None = None  # store: share of revisit queries whose chunk came back first
     type: str = "sample"
 
@@ -181,15 +187,61 @@ def disk_usage(out: Path) -> tuple[int, int, dict[str, list[int]]]:
 def process_stats() -> dict:
     proc = psutil.Process()
     stats = {"rss_mib": proc.memory_info().rss / 2**20, "threads": threading.active_count()}
+    cpu = proc.cpu_times()
+    stats["cpu_s"] = cpu.user + cpu.system
     try:
         stats["num_fds"] = proc.num_fds()
     except (AttributeError, psutil.Error):  # not on every OS
         stats["num_fds"] = None
+    stats["heap"] = heap_stats()
+    stats.update(rss_parts())
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         stats["cuda_allocated_mib"] = torch.cuda.memory_allocated() / 2**20
         stats["cuda_reserved_mib"] = torch.cuda.memory_reserved() / 2**20
     return stats
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]  # fmt: skip
+
+
+def rss_parts() -> dict:
+    """Anonymous (heap, stacks, tensors) and file-backed (mapped libraries' pages: clean, shared, and
+    bounded by the libraries' size) parts of RSS, in MiB, from /proc (Linux); empty elsewhere."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    key, kib = line.split()[:2]
+                    out["rss_anon_mib" if key == "RssAnon:" else "rss_file_mib"] = int(kib) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def heap_stats() -> dict:
+    """Where RSS sits, in MiB: glibc's heap (in use / free but kept, mmapped blocks), Arrow's memory
+    pool and LanceDB's session caches; a probe that is not there is left out."""
+    out: dict[str, float] = {}
+    try:
+        info = ctypes.CDLL("libc.so.6").mallinfo2
+        info.restype = _Mallinfo2
+        m = info()
+        out |= {"malloc_in_use_mib": m.uordblks / 2**20, "malloc_free_mib": m.fordblks / 2**20,
+                "malloc_mmap_mib": m.hblkhd / 2**20}  # fmt: skip
+    except (OSError, AttributeError):  # not glibc
+        pass
+    pa = sys.modules.get("pyarrow")
+    if pa is not None:
+        out["arrow_pool_mib"] = pa.total_allocated_bytes() / 2**20
+    db = sys.modules.get("memory_store.db")
+    if db is not None:
+        out["lance_session_mib"] = sum(s.size_bytes for s in list(db._SESSIONS.values())) / 2**20
+    return out
 
 
 def structure_bytes(**objs) -> dict[str, int] | None:
@@ -235,6 +287,7 @@ class Sampler:
         self.frames_last, self.chunks_last = frames_at_start, chunks_at_start
         self.latencies: list[float] = []
         self.hits: list[bool] = []
+        self.cpu_last = process_stats()["cpu_s"]
 
     def due(self, frames: int) -> bool:
         return frames >= self.next_at
@@ -245,6 +298,10 @@ class Sampler:
         mem, other, parts = disk_usage(self.out)
         p50, p99 = percentiles(self.latencies)
         rates = not final and dt > 0 and frames > self.frames_last
+        stats = process_stats()
+        cpu_dt = stats["cpu_s"] - self.cpu_last
+        if rates and cpu_dt > 0:
+            stats["frames_per_cpu_s"] = (frames - self.frames_last) * self.streams / cpu_dt
         s = Sample(
             session=self.session, frames=frames, chunks=chunks, wall_s=self.wall_before + now - self.t_session,
             time=time.time(), memory_disk_bytes=mem, other_disk_bytes=other, memory_disk_parts=parts,
@@ -252,10 +309,11 @@ class Sampler:
             chunks_per_s=(chunks - self.chunks_last) * self.streams / dt if rates else None,
             retrieval_p50_ms=p50, retrieval_p99_ms=p99, retrieval_n=len(self.latencies),
             restart=self.restart_pending, final=final,
-            hit_rate=float(np.mean(self.hits)) if self.hits else None, **process_stats(), **extra,
+            hit_rate=float(np.mean(self.hits)) if self.hits else None, **stats, **extra,
         )  # fmt: skip
         self.log.append(asdict(s))
         self.restart_pending = False
+        self.cpu_last = stats["cpu_s"]
         self.t_last, self.frames_last, self.chunks_last = now, frames, chunks
         self.latencies, self.hits = [], []
         self.next_at = (frames // self.every + 1) * self.every

@@ -77,11 +77,14 @@ def derived(s: dict, cfg: dict) -> dict:
 # (key, label, unit, kind): kind "process" = fitted over the newest session; smoothed = median of 3
 CURVES: list[tuple[str, str, str, str, bool]] = [
     ("rss_mib", "RSS", "MiB", "process", False),
+    ("rss_anon_mib", "RSS, anonymous", "MiB", "process", False),
+    ("rss_file_mib", "RSS, mapped files", "MiB", "process", False),
     ("memory_disk_per_frame", "store disk / latent frame", "B", "run", False),
     ("other_disk_per_frame", "rest of DIR / latent frame", "B", "run", False),
     ("memory_disk_bytes", "store disk", "B", "run", False),
     ("frames_per_s", "frames/s (all streams)", "/s", "run", True),
     ("chunks_per_s", "chunks/s (all streams)", "/s", "run", True),
+    ("frames_per_cpu_s", "frames per CPU-second", "/s", "run", True),
     ("retrieval_p50_ms", "retrieval p50", "ms", "run", True),
     ("retrieval_p99_ms", "retrieval p99", "ms", "run", True),
     ("num_fds", "open files", "", "process", False),
@@ -169,6 +172,10 @@ def summarize(sessions: list[dict], samples: list[dict]) -> dict:
     out["rss_growth_pct"] = (rss["end"] / rss["ref"] - 1) * 100 if rss and rss["ref"] else None
     fps = curves.get("frames_per_s")
     out["fps_ratio"] = fps["end"] / fps["ref"] if fps and fps["ref"] else None
+    anon = curves.get("rss_anon_mib")
+    out["rss_anon_growth_pct"] = (anon["end"] / anon["ref"] - 1) * 100 if anon and anon["ref"] else None
+    cpu = curves.get("frames_per_cpu_s")
+    out["fps_cpu_ratio"] = cpu["end"] / cpu["ref"] if cpu and cpu["ref"] else None
     out["rss_flat_tail_pct"] = _flat_tail_pct(newest, process_start)
     out["targets"] = _targets(cfg, out, curves)
     return out
@@ -244,6 +251,12 @@ def print_summary(cfg: dict, summary: dict) -> None:
     for row, ok in zip(checks, verdicts):
         row.append({True: "holds", False: "FAILS", None: "n/a"}[ok])
     table("targets", ["target", "value", "bound", "verdict"], checks)
+    print(
+        f"  beside them: anonymous RSS growth 10k -> end {_fmt(summary.get('rss_anon_growth_pct'), '%')} "
+        f"(mapped libraries' pages excluded); frames per CPU-second end / 10k "
+        f"{_fmt(summary.get('fps_cpu_ratio'))} (the process's own CPU time: other load on the machine "
+        "does not move it)"
+    )
 
 
 # ---- figure -----------------------------------------------------------------------------------
