@@ -276,6 +276,8 @@ def plot(path: Path, cfg: dict, sessions: list[dict], samples: list[dict]) -> No
             ax.plot(*zip(*pts), label=label, **kw)
 
     line(axes[0, 0], "rss_mib", "RSS")
+    line(axes[0, 0], "rss_anon_mib", "anonymous", ls="--")
+    line(axes[0, 0], "rss_file_mib", "mapped files (libraries)", ls=":")
     axes[0, 0].set_ylabel("RSS (MiB)")
     ax = axes[0, 1]
     line(ax, "memory_disk_per_frame", "memory store (LanceDB)", 1e3)
@@ -291,6 +293,8 @@ def plot(path: Path, cfg: dict, sessions: list[dict], samples: list[dict]) -> No
     ax.set_ylim(bottom=0)
     rate = "chunks_per_s" if cfg["kind"] == "store" else "frames_per_s"
     line(axes[1, 0], rate, rate.replace("_per_s", "/s"))
+    if cfg["kind"] == "model":
+        line(axes[1, 0], "frames_per_cpu_s", "frames per CPU-second of the process", ls="--")
     axes[1, 0].set_ylabel(rate.replace("_per_s", "/s") + " (all streams)")
     axes[1, 0].set_ylim(bottom=0)
     line(axes[1, 1], "retrieval_p99_ms", "p99")
