@@ -12,8 +12,13 @@ Version pinning: ``search(..., version=v)`` and ``open_stream(..., version=v)`` 
 version ``v``, so a stream resumed from a checkpoint that recorded ``v`` retrieves exactly what the
 original run would have. Chunks passed to :meth:`Retriever.observe` (the ones this process generated)
 are searchable at once, whatever the version; with a writer attached (:meth:`Retriever.attach_writer`)
-their payloads are held outside the LRU until the writer reports them durable, so a small LRU never
-loses a chunk that the store does not have yet.
+their embeddings and payloads are held until the writer reports them durable, so neither a small LRU
+nor the hot tier's eviction loses a chunk that the store does not have yet: the cold search scores the
+held ones below the tier's floor exactly and merges them with LanceDB's hits.
+
+A stream resumed from a checkpoint reads as of the checkpoint's version until the stream's next
+checkpoint (:meth:`Retriever.follow_latest`): the old version's tag is released after that, and cleanup
+may delete the files it references.
 """
 
 from __future__ import annotations
@@ -64,6 +69,13 @@ class RetrievedChunk:
     latents: torch.Tensor  # float16 [F, C, H, W], as stored (callers cast to their compute dtype)
 
 
+def _merge(stored: list[tuple[int, float]], held: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Two hit lists as one, best first (ties: lower chunk first); a chunk in both (made durable while
+    searched) keeps its held, exact score."""
+    seen = {c for c, _ in held}
+    return sorted(held + [h for h in stored if h[0] not in seen], key=lambda h: (-h[1], h[0]))
+
+
 class Retriever:
     """Searches the history of any number of streams; one per generator process.
 
@@ -83,9 +95,10 @@ class Retriever:
         self._cold_floor: dict[tuple[str, int | None], int] = {}  # tier floor when the table was refreshed
         self.cold_searches = 0
         self._executor: ThreadPoolExecutor | None = None
-        # observed payloads not yet durable, per stream (only with a writer attached, which bounds them by
-        # its queue and reports each commit through mark_durable)
-        self._pending: dict[str, dict[int, StoredChunk]] | None = None
+        # observed chunks not yet durable, per stream: (payload, unit embedding) (only with a writer attached,
+        # which bounds them by its queue and reports each commit through mark_durable)
+        self._pending: dict[str, dict[int, tuple[StoredChunk, np.ndarray]]] | None = None
+        self._durable_since: dict[str, int] = {}  # lowest chunk made durable since the cold handle's refresh
 
     def attach_writer(self, writer) -> None:
         """Hold every observed payload until ``writer`` (a :class:`~memory_store.writer.MemoryWriter` in
@@ -102,6 +115,22 @@ class Retriever:
             if pending:
                 for c in chunk_indices:
                     pending.pop(int(c), None)
+            if chunk_indices:
+                low = min(int(c) for c in chunk_indices)
+                self._durable_since[stream_id] = min(low, self._durable_since.get(stream_id, low))
+
+    def follow_latest(self, stream_id: str) -> None:
+        """Stop reading ``stream_id`` as of the version its tier was pinned to (a resumed stream, once it
+        has a checkpoint of its own): from now on its cold searches and payload reads see the latest
+        version, which holds the same chunks, and the pinned version may be cleaned up."""
+        with self._lock:
+            tier = self._tiers.get(stream_id)
+            if tier is None or tier.pinned is None:
+                return
+            old, tier.pinned = tier.pinned, None
+            self._tables.pop((stream_id, old), None)
+            self._cold_floor.pop((stream_id, old), None)
+        log.info("retriever_follows_latest", stream_id=stream_id, unpinned_version=old)
 
     # ------------------------------------------------------------------ hot tier management
 
@@ -141,12 +170,13 @@ class Retriever:
             tier = self._tiers.get(sid)
         if tier is None:
             tier = self.open_stream(sid, create=True)
-        tier.append(int(record.chunk_index), emb)
         latents = record.latents.detach().to("cpu", torch.float16).contiguous()
         payload = StoredChunk(int(record.chunk_index), int(record.first_frame), int(record.num_frames), latents)
-        with self._lock:
+        with self._lock:  # held before the tier may evict it
             if self._pending is not None:
-                self._pending.setdefault(sid, {})[payload.chunk_index] = payload
+                unit = emb / max(float(np.linalg.norm(emb)), 1e-30)
+                self._pending.setdefault(sid, {})[payload.chunk_index] = (payload, unit)
+        tier.append(int(record.chunk_index), emb)
         tier.payloads.put(payload.chunk_index, payload)
 
     def stream_rows(self, stream_id: str) -> int:
@@ -278,14 +308,31 @@ class Retriever:
         LanceDB at the tier's version: an exact flat scan below ``index_threshold_rows``, the vector
         index (``nprobes``, ``refine_factor``) above it."""
         key = (sid, tier.pinned)
-        refresh = tier.pinned is None and self._cold_floor.get(key, -1) < tier.floor  # rows it must see
-        table = self._table(sid, tier.pinned, refresh=refresh)
+        with self._lock:  # the held chunks first: one made durable after this is in the refreshed handle
+            held = self._held_hits(sid, q, k, rng)
+            stale = self._cold_floor.get(key, -1) < tier.floor or self._durable_since.get(sid, tier.floor) < tier.floor
+            refresh = tier.pinned is None and stale  # rows it must see
+            if refresh:
+                self._durable_since.pop(sid, None)
+        self.cold_searches += 1
+        try:
+            table = self._table(sid, tier.pinned, refresh=refresh)
+        except UnknownStreamError:  # nothing committed yet: every cold chunk is still held
+            return held
         self._cold_floor[key] = tier.floor
         t = self._vector_search(table, q, k, rng, ["chunk_index"])
-        self.cold_searches += 1
         ci = t.column("chunk_index").to_numpy()
         scores = 1.0 - t.column("_distance").to_numpy().astype(np.float64)
-        return [(int(c), float(s)) for c, s in zip(ci, scores)]
+        return _merge([(int(c), float(s)) for c, s in zip(ci, scores)], held)
+
+    def _held_hits(self, sid: str, q: np.ndarray, k: int, rng: CandidateRange) -> list[tuple[int, float]]:
+        """Exact (chunk index, cosine score) top-k over the chunks in ``rng`` held until durable. Lock held."""
+        held = [(c, e) for c, (_, e) in ((self._pending or {}).get(sid) or {}).items() if rng.start <= c < rng.stop]
+        if not held:
+            return []
+        qn = q / max(float(np.linalg.norm(q)), 1e-30)
+        scored = [(c, float(np.dot(e, qn))) for c, e in held]
+        return sorted(scored, key=lambda h: (-h[1], h[0]))[:k]
 
     def _vector_search(self, table, q: np.ndarray, k: int, rng: CandidateRange, columns: list[str]):
         """LanceDB's cosine top-k over chunks in ``rng`` (prefiltered), with ``columns`` and ``_distance``."""
@@ -309,7 +356,8 @@ class Retriever:
         return {
             "hot_tier": sum(t.nbytes for t in tiers),
             "payload_cache": sum(t.payloads.nbytes for t in tiers),
-            "pending_payloads": sum(payload_nbytes(p) for p in pending),  # the LRU may hold them too
+            # the LRU may hold the payloads too; the embedding is float32
+            "pending_payloads": sum(payload_nbytes(p) + e.nbytes for p, e in pending),
         }
 
     def _payloads(
@@ -321,7 +369,7 @@ class Retriever:
         out = {c: tier.payloads.get(c) for c in chunk_indices}
         with self._lock:
             pending = (self._pending or {}).get(stream_id, {})
-            out |= {c: pending[c] for c, p in out.items() if p is None and c in pending}
+            out |= {c: pending[c][0] for c, p in out.items() if p is None and c in pending}
         missing = [c for c, p in out.items() if p is None]
         if missing:
             missing += [c for c in readahead if tier.payloads.peek(c) is None]
@@ -342,15 +390,23 @@ class Retriever:
     def _search_cold(
         self, sid: str, q: np.ndarray, k: int, rng: CandidateRange, version: int | None
     ) -> list[RetrievedChunk]:
-        t = self._vector_search(self._table(sid, version, refresh=True), q, k, rng, PAYLOAD_COLUMNS)
-        scores = 1.0 - t.column("_distance").to_numpy()
-        chunks = rows_to_chunks(t, sid, keep_half=True)
-        order = np.lexsort(([c.chunk_index for c in chunks], -scores))
+        with self._lock:  # before the table read (see _search_cold_ids)
+            held = self._held_hits(sid, q, k, rng) if version is None else []
+            payloads = {c: self._pending[sid][c][0] for c, _ in held}
+        try:
+            t = self._vector_search(self._table(sid, version, refresh=True), q, k, rng, PAYLOAD_COLUMNS)
+        except UnknownStreamError:
+            if not held:
+                raise
+            t = None
+        if t is not None:
+            scores = 1.0 - t.column("_distance").to_numpy().astype(np.float64)
+            chunks = rows_to_chunks(t, sid, keep_half=True)
+            payloads = {c.chunk_index: c for c in chunks} | payloads
+            held = _merge([(c.chunk_index, float(s)) for c, s in zip(chunks, scores)], held)
         return [
-            RetrievedChunk(
-                chunks[i].chunk_index, chunks[i].first_frame, chunks[i].num_frames, float(scores[i]), chunks[i].latents
-            )
-            for i in order
+            RetrievedChunk(c, payloads[c].first_frame, payloads[c].num_frames, s, payloads[c].latents)
+            for c, s in held[:k]
         ]
 
     def prefetch(self, stream_id: str, query: np.ndarray, k: int, **kwargs) -> Future[list[RetrievedChunk]]:
@@ -373,6 +429,7 @@ class Retriever:
             self._pinned.clear()
             self._tables.clear()
             self._cold_floor.clear()
+            self._durable_since.clear()
             if self._pending is not None:
                 self._pending.clear()
         for t in tiers:

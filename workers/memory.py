@@ -97,8 +97,11 @@ class MemoryLink:
 
     def pin_checkpoint(self, stream_id: str, chunk: int) -> int:
         """Flush and tag the table version a checkpoint at ``chunk`` records, so version cleanup keeps
-        it. Returns the pinned version."""
-        return self.writer.pin_version(stream_id, checkpoint_tag(chunk))
+        it. Returns the pinned version. A resumed stream's reads stop following the version it resumed
+        from: that version's tag may be released now, and cleanup then deletes files it references."""
+        version = self.writer.pin_version(stream_id, checkpoint_tag(chunk))
+        self.retriever.follow_latest(stream_id)
+        return version
 
     def release_checkpoints(self, stream_id: str, kept_chunks: list[int]) -> None:
         """Drop the tags of checkpoints that are no longer kept."""

@@ -106,3 +106,31 @@ def test_cleanup_frees_the_files_compaction_replaced(make_config):
     data = sum(f.stat().st_size for f in (Path(cfg.uri) / "chunks_s.lance" / "data").iterdir())
     live = 300 * 2 * 4 * 16 * 16 * 2
     assert live <= data < 1.3 * live, (data, live)
+
+
+def test_a_resumed_stream_reads_on_after_the_version_it_resumed_from_is_cleaned_up(make_config):
+    """Regression (a 140k-frame soak): a resumed stream's tier read as of its checkpoint's version for
+    good; once a later checkpoint released that version's tag, cleanup deleted the files it referenced
+    and a payload read failed with "Not found". ``follow_latest`` moves it to the latest version."""
+    cfg = make_config(keep_versions=1, payload_cache_bytes=1)  # no LRU: every payload is read from the store
+    with MemoryWriter(cfg) as w:
+        put_in_commits(w, "s", range(20), per_commit=2)  # 10 commits, 10 fragments
+        resumed_at = w.pin_version("s", "ckpt-20")
+    with MemoryWriter(cfg) as w, Retriever(cfg) as r:
+        r.attach_writer(w)
+        r.open_stream("s", version=resumed_at)
+        for i in range(20, 30):
+            rec = make_record("s", i)
+            w.put(rec)
+            r.observe(rec)
+        w.pin_version("s", "ckpt-30")  # the resumed stream's own checkpoint ...
+        r.follow_latest("s")
+        w.unpin_version("s", "ckpt-20")  # ... replaces the one it resumed from
+        time.sleep(1.2)  # cleanup spares versions within a second of the oldest protected one
+        report = w.maintain("s")
+        assert not report.errors and report.fragments_after == 1, report
+        table = open_chunk_table(connect(cfg), "s", DIM)
+        assert resumed_at not in {v["version"] for v in table.list_versions()}  # its files are gone
+        got = r.search("s", make_embedding("s", 3), 2, before_chunk=30)
+        assert got[0].chunk_index == 3
+        assert np.array_equal(got[0].latents.float().numpy(), make_record("s", 3).latents.half().float().numpy())

@@ -130,7 +130,7 @@ def test_a_payload_not_yet_durable_survives_eviction_from_a_small_lru(make_confi
             rec = make_record("p", i)
             w.put(rec)
             r.observe(rec)
-        assert r.memory_bytes()["pending_payloads"] == 12 * one
+        assert r.memory_bytes()["pending_payloads"] == 12 * (one + 4 * DIM)  # payload + float32 embedding
         got = r.search("p", make_embedding("p", 0), 1, before_chunk=4)
         assert got[0].chunk_index == 0
         assert torch.equal(got[0].latents, make_record("p", 0).latents.half())
@@ -139,6 +139,28 @@ def test_a_payload_not_yet_durable_survives_eviction_from_a_small_lru(make_confi
         got = r.search("p", make_embedding("p", 1), 1, before_chunk=4)
         assert got[0].chunk_index == 1
         assert torch.equal(got[0].latents, make_record("p", 1).latents.half())
+
+
+def test_a_chunk_the_hot_tier_evicts_before_it_is_durable_is_still_found(make_config):
+    # regression: the tier holds 4 rows, the writer commits only on flush; the evicted chunks were in
+    # neither tier (a different retrieval), or the cold search failed for want of a table
+    cfg = make_config(hot_tier_rows=4, batch_size=1000, flush_interval_s=600.0)
+    with MemoryWriter(cfg) as w, Retriever(cfg) as r:
+        r.attach_writer(w)
+        for i in range(12):
+            rec = make_record("e", i)
+            w.put(rec)
+            r.observe(rec)
+        q = make_embedding("e", 2) + 0.2 * make_embedding("e", 9)
+        want, _ = brute_force("e", list(range(12)), q, 3)
+        before = r.search("e", q, 3, before_chunk=12)
+        assert r._tiers["e"].floor > want[0] and r.cold_searches == 1  # the best hit is below the tier
+        assert [c.chunk_index for c in before] == want
+        w.flush()  # now durable: LanceDB serves them, with the same choices
+        after = r.search("e", q, 3, before_chunk=12)
+        assert [c.chunk_index for c in after] == want
+        np.testing.assert_allclose([c.score for c in after], [c.score for c in before], atol=1e-5)
+        assert torch.equal(after[0].latents, make_record("e", want[0]).latents.half())
 
 
 def test_observed_chunks_are_searchable_before_they_are_durable(make_config):
